@@ -1,0 +1,1 @@
+"""DeepSpeed LoRA fine-tuning of CogVideoX text-to-video transformers."""

@@ -1,0 +1,129 @@
+"""The DeepSpeed engine: config assembled from ds_configs/*.json plus the spec, then deepspeed.initialize.
+
+The spec owns batch size, accumulation, clipping, precision, optimizer and lr schedule; the JSON owns the
+ZeRO stage and its tuning. A JSON value that contradicts the spec is an error, never a silent override.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.errors import UserError
+from trainer.spec import OptimSection, RunSpec
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def ds_config_path(spec: RunSpec) -> Path:
+    section = spec.deepspeed
+    if section.config is None:
+        return SHIPPED_CONFIGS / f"zero{section.stage or 2}.json"
+    if section.config.endswith(".json") or "/" in section.config:
+        return Path(section.config)
+    return SHIPPED_CONFIGS / f"{section.config}.json"
+
+
+def load_base_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        shipped = sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.json"))
+        raise UserError(f"deepspeed.config: {path} does not exist (shipped configs: {', '.join(shipped)})") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"deepspeed.config: {path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("zero_optimization"), dict):
+        raise UserError(f"deepspeed.config: {path} has no zero_optimization section")
+    return config
+
+
+def _spec_owned(spec: RunSpec, world_size: int) -> dict[str, tuple[object, str]]:
+    """DeepSpeed keys the spec decides, with the value and the spec field that sets them."""
+    micro, accum = spec.data.micro_batch_size, spec.train.gradient_accumulation_steps
+    return {
+        "train_micro_batch_size_per_gpu": (micro, "data.micro_batch_size"),
+        "gradient_accumulation_steps": (accum, "train.gradient_accumulation_steps"),
+        "train_batch_size": (micro * accum * world_size, "data.micro_batch_size x ranks x accumulation"),
+        "gradient_clipping": (spec.train.max_grad_norm, "train.max_grad_norm"),
+    }
+
+
+def assemble_config(spec: RunSpec, world_size: int) -> dict:
+    path = ds_config_path(spec)
+    config = load_base_config(path)
+    errors = []
+    stage = config["zero_optimization"].get("stage")
+    if stage not in (2, 3):
+        errors.append(f"zero_optimization.stage is {stage!r}; this trainer runs ZeRO stage 2 or 3")
+    elif spec.deepspeed.stage is not None and stage != spec.deepspeed.stage:
+        errors.append(f"zero_optimization.stage is {stage} but deepspeed.stage is {spec.deepspeed.stage}")
+    for key, (value, field) in _spec_owned(spec, world_size).items():
+        if key in config and config[key] != "auto" and config[key] != value:
+            errors.append(f"{key} is {config[key]!r} but the spec gives {value!r} ({field})")
+        config[key] = value
+    for section, field in (("optimizer", "optim"), ("scheduler", "optim.schedule")):
+        if section in config:
+            errors.append(f"has a {section!r} section; the spec's {field} owns it: remove it from the JSON")
+    precision = spec.train.precision
+    for name in ("bf16", "fp16"):
+        enabled = config.get(name, {}).get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != (precision == name):
+            errors.append(f"{name}.enabled is {enabled!r} but train.precision is {precision!r}")
+    if errors:
+        raise UserError(f"deepspeed.config: {path} contradicts the spec:\n  " + "\n  ".join(errors))
+
+    config["bf16"] = {**config.get("bf16", {}), "enabled": precision == "bf16"}
+    config["fp16"] = {**config.get("fp16", {}), "enabled": precision == "fp16"}
+    if precision == "fp16":
+        config["fp16"] = {"loss_scale": 0, "initial_scale_power": 16, **config["fp16"]}  # dynamic loss scaling
+    if precision == "bf16":
+        # fp32 master weights come with bf16 in ZeRO; accumulate gradients in fp32 too.
+        config.setdefault("data_types", {"grad_accum_dtype": "fp32"})
+    optim = spec.optim
+    config["optimizer"] = {"type": "AdamW", "params": {
+        "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
+        "torch_adam": True,  # torch's AdamW: no JIT build of DeepSpeed's fused CPU/GPU Adam
+        "adam_w_mode": True}}
+    return config
+
+
+def lr_multiplier(optim: OptimSection, max_steps: int) -> Callable[[int], float]:
+    """lr factor for the update that follows `step` applied updates: linear warmup, then the schedule."""
+    warmup, floor = optim.warmup_steps, optim.min_lr_ratio
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1 - progress
+        return floor + (1 - floor) * decay
+
+    return multiplier
+
+
+def init_distributed() -> None:
+    """Join the process group on the accelerator's backend (nccl on GPU, gloo on CPU)."""
+    import deepspeed
+
+    deepspeed.init_distributed()
+
+
+def build_engine(spec: RunSpec, module: nn.Module, config: dict):
+    import deepspeed
+
+    multiplier = lr_multiplier(spec.optim, spec.train.max_steps)
+    engine, *_ = deepspeed.initialize(
+        model=module,
+        model_parameters=[p for p in module.parameters() if p.requires_grad],
+        config=config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier),
+    )
+    return engine

@@ -1,0 +1,178 @@
+"""The run spec: one YAML file, validated by pydantic, the single source of truth for a run.
+
+Every section forbids unknown keys and every error names the field path (``lora.rank``), so a typo
+fails at start-up instead of silently training with a default. ``--set section.key=value`` overrides
+are applied to the raw YAML before validation, so they are typed and checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainer.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Section):
+    name: str = Field("run", min_length=1)
+    # Everything the run writes (checkpoints, LoRA export, logs) goes here; default runs/<name>.
+    output_dir: Path | None = None
+    seed: int = 0
+
+    @property
+    def dir(self) -> Path:
+        return self.output_dir if self.output_dir is not None else Path("runs") / self.name
+
+
+class ModelSection(_Section):
+    # A diffusers CogVideoX directory (transformer/, scheduler/, ...) or a Hugging Face hub id.
+    path: str = Field(min_length=1)
+    gradient_checkpointing: bool = False
+
+
+class LoraSection(_Section):
+    rank: int = Field(64, gt=0)
+    # None means alpha = rank (scale 1). The exported file records alpha, so it reloads at this scale.
+    alpha: float | None = Field(None, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    # Only initialisations that leave the base weights untouched: the export must apply to the original model.
+    init: Literal["default", "gaussian"] = "default"
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.rank) if self.alpha is None else self.alpha
+
+
+class DataSection(_Section):
+    # A brace pattern ("data/train-{000000..000099}.tar"), a directory of .tar files, or a list of either.
+    shards: str | list[str]
+    micro_batch_size: int = Field(1, gt=0)
+    num_workers: int = Field(2, ge=0)
+    # Samples held for the seeded in-stream shuffle (0: shard order only).
+    shuffle_buffer: int = Field(64, ge=0)
+
+
+class OptimSection(_Section):
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(1e-4, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    # cosine and linear decay from lr to lr * min_lr_ratio at train.max_steps.
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> OptimSection:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must each be in [0, 1), got {list(self.betas)}")
+        return self
+
+
+class TrainSection(_Section):
+    max_steps: int = Field(gt=0)  # optimizer steps
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # stratified: each optimizer step's global batch covers [0, T) in equal strata (lower-variance loss).
+    timestep_sampling: Literal["uniform", "stratified"] = "uniform"
+
+
+class DeepSpeedSection(_Section):
+    # A shipped config by name (zero2, zero3, zero3_offload) or a path to a DeepSpeed JSON file.
+    config: str | None = None
+    # If both are given they must agree; with neither, ZeRO-2.
+    stage: Literal[2, 3] | None = None
+
+
+class CheckpointSection(_Section):
+    every_steps: int = Field(500, ge=0)  # 0: no periodic checkpoints
+    keep_last: int = Field(2, gt=0)
+
+
+class LoggingSection(_Section):
+    every_steps: int = Field(10, gt=0)
+    tensorboard: bool = True
+
+
+class RunSpec(_Section):
+    run: RunSection = RunSection()
+    model: ModelSection
+    lora: LoraSection = LoraSection()
+    data: DataSection
+    optim: OptimSection = OptimSection()
+    train: TrainSection
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    logging: LoggingSection = LoggingSection()
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> RunSpec:
+        if self.optim.warmup_steps > self.train.max_steps:
+            raise ValueError(
+                f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds train.max_steps ({self.train.max_steps})"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one ``section.key=value`` to the raw spec dict; the value is parsed as YAML (then typed by the schema)."""
+    path, sep, value = override.partition("=")
+    keys = path.strip().split(".")
+    if not sep or not all(keys):
+        raise UserError(f"--set {override!r}: expected section.key=value")
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {override!r}: {'.'.join(keys[: i + 1])} is not a section")
+        node = child
+    try:
+        node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {override!r}: value is not valid YAML ({exc})") from None
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid run spec"]
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "spec"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown field (check the spelling; see examples/ for every field)")
+        elif err["type"] == "missing":
+            lines.append(f"  {where}: required field is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            shown = "" if err["type"].startswith("value_error") else f" (got {err['input']!r})"
+            lines.append(f"  {where}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
+    """Read, override and validate a spec file. Raises UserError naming the file and every bad field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"spec file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the spec must be a mapping of sections (run, model, data, ...)")
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return RunSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, str(path))) from None
