@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Write a small webdataset of synthetic training samples in the trainer's shard format.
+
+    python data_tools/synth.py --model runs/tiny-5b --out runs/tiny-5b-shards --samples 8 --samples-per-shard 2
+
+Shaped for the given model directory: latent channels and compression from its vae/ and transformer/
+configs; captions encoded by its own text_encoder/ and tokenizer/ (the real T5 path). The latents are
+smooth moving patterns, a different one per caption, so a LoRA can visibly learn them. Real videos are
+packed by data_tools/shard.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.shard_format import encode_sample  # noqa: E402
+
+COLOURS = ["red", "green", "blue", "yellow", "white", "orange", "purple", "cyan"]
+SHAPES = ["ball", "square", "triangle", "ring"]
+MOTIONS = ["left", "right", "up", "down"]
+
+
+def caption(i: int) -> str:
+    return f"a {COLOURS[i % len(COLOURS)]} {SHAPES[i // len(COLOURS) % len(SHAPES)]} moving {MOTIONS[i % len(MOTIONS)]}"
+
+
+def latent_shape(model_dir: Path, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    vae = json.loads((model_dir / "vae" / "config.json").read_text())
+    spatial = 2 ** (len(vae["block_out_channels"]) - 1)
+    temporal = vae["temporal_compression_ratio"]
+    if (frames - 1) % temporal or height % spatial or width % spatial:
+        raise SystemExit(f"frames must be {temporal}k+1 and height/width multiples of {spatial}")
+    return vae["latent_channels"], (frames - 1) // temporal + 1, height // spatial, width // spatial
+
+
+def pattern(i: int, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """A smooth wave travelling along its caption's direction, with per-channel phase; unit-ish variance."""
+    c, f, h, w = shape
+    t, y, x = torch.meshgrid(torch.arange(f, dtype=torch.float32), torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    dx, dy = [(-1, 0), (1, 0), (0, -1), (0, 1)][i % 4]
+    freq = 1 + i % 3
+    channels = [torch.sin(2 * math.pi * (freq * (x + y) + 0.25 * (dx * t / f + dy * t / f) * 4 + k / c + i / 7))
+                for k in range(c)]
+    return math.sqrt(2) * torch.stack(channels)
+
+
+@torch.no_grad()
+def encode_captions(model_dir: Path, captions: list[str]) -> torch.Tensor:
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+    encoder = T5EncoderModel.from_pretrained(model_dir / "text_encoder").eval()
+    max_len = json.loads((model_dir / "transformer" / "config.json").read_text())["max_text_seq_length"]
+    tokens = tokenizer(captions, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+    return encoder(tokens.input_ids).last_hidden_state
+
+
+def write_synthetic_shards(model_dir: Path, out: Path, samples: int, samples_per_shard: int, frames: int = 9,
+                           height: int = 96, width: int = 128, seed: int = 0) -> list[Path]:
+    import webdataset as wds
+
+    shape = latent_shape(model_dir, frames, height, width)
+    captions = [caption(seed + i) for i in range(samples)]
+    embeds = encode_captions(model_dir, captions)
+    out.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(out / "train-%06d.tar"), maxcount=samples_per_shard, encoder=False, verbose=0) as sink:
+        for i, text in enumerate(captions):
+            meta = {"caption": text, "source": "synthetic", "fps": 8, "num_frames": frames,
+                    "height": height, "width": width}
+            sink.write(encode_sample(f"synth{seed + i:06d}", pattern(seed + i, shape).to(torch.bfloat16),
+                                     embeds[i].to(torch.bfloat16), meta))
+    return sorted(out.glob("train-*.tar"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="CogVideoX model directory the data is for")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the .tar shards")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--samples-per-shard", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=9, help="video frames (4k+1) the latents stand for")
+    parser.add_argument("--height", type=int, default=96)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    shards = write_synthetic_shards(args.model, args.out, args.samples, args.samples_per_shard, args.frames,
+                                    args.height, args.width, args.seed)
+    print(f"{args.samples} synthetic samples in {len(shards)} shard(s) under {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

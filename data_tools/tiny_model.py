@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Write a tiny, random-weight but complete CogVideoX model directory that diffusers loads offline.
+
+    python data_tools/tiny_model.py --out runs/tiny-5b --flavour 5b
+
+Real classes throughout (CogVideoXTransformer3DModel, AutoencoderKLCogVideoX, T5EncoderModel, a T5 tokenizer,
+CogVideoXDDIMScheduler), saved with save_pretrained, so the trainer loads it through exactly the code path a
+real THUDM/CogVideoX-5b directory takes. Geometry matches the real models (8x spatial and 4x temporal VAE
+compression, patch size 2, 226 text tokens); only widths and depths are small.
+  2b: no RoPE (sin-cos positions), scheduler snr_shift_scale 3.0, VAE scaling_factor 1.15258426
+  5b: 3D RoPE, scheduler snr_shift_scale 1.0, VAE scaling_factor 0.7
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Flavour:
+    rope: bool
+    snr_shift_scale: float
+    vae_scaling_factor: float
+
+
+FLAVOURS = {
+    "2b": Flavour(rope=False, snr_shift_scale=3.0, vae_scaling_factor=1.15258426),
+    "5b": Flavour(rope=True, snr_shift_scale=1.0, vae_scaling_factor=0.7),
+}
+TEXT_DIM = 32
+TEXT_LEN = 226  # what CogVideoXPipeline encodes prompts to
+
+
+def _tokenizer():
+    """A character-level Unigram T5 tokenizer built offline (no sentencepiece file, no hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(ch, -1.0 - i / 100) for i, ch in enumerate("▁abcdefghijklmnopqrstuvwxyz0123456789,.-'")]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                extra_ids=0, model_max_length=TEXT_LEN)
+    return tokenizer, len(pieces)
+
+
+def write_tiny_model(out: Path, flavour: str = "5b", seed: int = 0) -> Path:
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers.utils import logging as diffusers_logging
+    from transformers import T5Config, T5EncoderModel
+
+    kind = FLAVOURS[flavour]
+    torch.manual_seed(seed)
+    tokenizer, vocab_size = _tokenizer()
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=vocab_size, d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16,  # RoPE splits the head dim t:h:w, needs a multiple of 16
+        in_channels=4, out_channels=4, time_embed_dim=32, text_embed_dim=TEXT_DIM, num_layers=2,
+        sample_frames=9, sample_height=12, sample_width=16,  # latent grid of 9x96x128 video
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT_LEN,
+        use_rotary_positional_embeddings=kind.rope)
+    # Real CogVideoX transformers ship bf16 weights; so do we (the trainer loads them in the compute dtype).
+    # (diffusers warns about casting with .to(); this model has no fp32-only modules to keep.)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformer = transformer.to(torch.bfloat16)
+    diffusers_logging.set_verbosity(verbosity)
+    vae = AutoencoderKLCogVideoX(
+        latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
+        temporal_compression_ratio=4, scaling_factor=kind.vae_scaling_factor)
+    scheduler = CogVideoXDDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+        steps_offset=0, timestep_spacing="trailing", snr_shift_scale=kind.snr_shift_scale)
+    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             scheduler=scheduler)
+    pipe.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="model directory to write")
+    parser.add_argument("--flavour", choices=sorted(FLAVOURS), default="5b")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    write_tiny_model(args.out, args.flavour, args.seed)
+    print(f"tiny CogVideoX ({args.flavour}-style) written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

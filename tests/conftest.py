@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny CogVideoX model directories and synthetic shards, built once per test session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data_tools.synth import write_synthetic_shards  # noqa: E402
+from data_tools.tiny_model import write_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_5b(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny-5b", "5b")
+
+
+@pytest.fixture(scope="session")
+def tiny_2b(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny-2b", "2b")
+
+
+@pytest.fixture(scope="session")
+def shards_5b(tiny_5b, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "tiny-5b"
+    write_synthetic_shards(tiny_5b, out, samples=4, samples_per_shard=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards_2b(tiny_2b, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "tiny-2b"
+    write_synthetic_shards(tiny_2b, out, samples=4, samples_per_shard=1)
+    return out

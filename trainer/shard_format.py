@@ -1,0 +1,95 @@
+"""The training shard format: one webdataset tar member group per sample, nothing pickled.
+
+    <key>.latents.safetensors        {"latents": [C, F, H, W]}   VAE latents, already scaled by the VAE's scaling_factor
+    <key>.prompt_embeds.safetensors  {"prompt_embeds": [L, D]}   T5 last hidden state, padded to L (226 for CogVideoX)
+    <key>.json                       {"caption", "source", "fps", "num_frames", "height", "width"}
+
+Writers (data_tools/) call ``encode_sample``; the trainer's reader calls ``decode_sample``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from trainer.errors import UserError
+
+LATENTS = "latents.safetensors"
+PROMPT_EMBEDS = "prompt_embeds.safetensors"
+META = "json"
+MEMBERS = (LATENTS, PROMPT_EMBEDS, META)
+META_FIELDS = ("caption", "source", "fps", "num_frames", "height", "width")
+
+
+class ShardError(UserError):
+    """A sample that cannot be used; the message names the shard and the sample key."""
+
+    def __init__(self, shard: str, key: str, problem: str):
+        super().__init__(f"shard {shard}, sample {key!r}: {problem}")
+        self.shard, self.key, self.problem = shard, key, problem
+
+    def __reduce__(self):  # crosses from loader workers to the trainer intact
+        return ShardError, (self.shard, self.key, self.problem)
+
+
+@dataclass
+class Sample:
+    key: str
+    shard: str
+    latents: torch.Tensor  # [C, F, H, W]
+    prompt_embeds: torch.Tensor  # [L, D]
+    meta: dict = field(default_factory=dict)
+
+
+def encode_sample(key: str, latents: torch.Tensor, prompt_embeds: torch.Tensor, meta: dict) -> dict[str, object]:
+    """A dict for webdataset's TarWriter (encoder=False): every value is already bytes."""
+    if latents.dim() != 4 or prompt_embeds.dim() != 2:
+        raise ValueError(f"{key}: latents must be [C, F, H, W] and prompt_embeds [L, D]")
+    missing = [name for name in META_FIELDS if name not in meta]
+    if missing:
+        raise ValueError(f"{key}: metadata lacks {missing}")
+    return {
+        "__key__": key,
+        LATENTS: st_save({"latents": latents.contiguous().cpu()}),
+        PROMPT_EMBEDS: st_save({"prompt_embeds": prompt_embeds.contiguous().cpu()}),
+        META: json.dumps(meta).encode(),
+    }
+
+
+def _tensor(raw: dict, member: str, name: str, ndim: int, shard: str, key: str) -> torch.Tensor:
+    try:
+        tensors = st_load(raw[member])
+    except SafetensorError as exc:
+        raise ShardError(shard, key, f"{member} is not a valid safetensors blob ({exc})") from None
+    if name not in tensors:
+        raise ShardError(shard, key, f"{member} has no tensor named {name!r} (has {sorted(tensors)})")
+    tensor = tensors[name]
+    if tensor.dim() != ndim:
+        raise ShardError(shard, key, f"{name} has shape {list(tensor.shape)}, expected {ndim} dimensions")
+    if not tensor.is_floating_point():
+        raise ShardError(shard, key, f"{name} has dtype {tensor.dtype}, expected a floating-point tensor")
+    return tensor
+
+
+def decode_sample(raw: dict) -> Sample:
+    """Turn webdataset's raw member dict into a Sample; raise ShardError naming what is wrong."""
+    key, shard = raw.get("__key__", "?"), raw.get("__url__", "?")
+    missing = [m for m in MEMBERS if m not in raw]
+    if missing:
+        raise ShardError(shard, key, f"missing member(s) {missing}")
+    try:
+        meta = json.loads(raw[META])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShardError(shard, key, f"metadata is not valid JSON ({exc})") from None
+    return Sample(
+        key=key,
+        shard=shard,
+        latents=_tensor(raw, LATENTS, "latents", 4, shard, key),
+        prompt_embeds=_tensor(raw, PROMPT_EMBEDS, "prompt_embeds", 2, shard, key),
+        meta=meta,
+    )
