@@ -1,0 +1,118 @@
+"""The CogVideoX training objective: v-prediction on the model's own zero-terminal-SNR DDPM schedule.
+
+Per sample, with ᾱ = alphas_cumprod[t] from the model directory's scheduler config:
+    x_t = √ᾱ·x0 + √(1−ᾱ)·ε,   v = √ᾱ·ε − √(1−ᾱ)·x0,   x̂0 = √ᾱ·x_t − √(1−ᾱ)·v̂
+    loss = mean over elements of w(t)·(x̂0 − x0)²  with  w(t) = 1/(1 − ᾱ)
+Because x̂0 − x0 = −√(1−ᾱ)·(v̂ − v), the weighted x0 loss is exactly mean((v̂ − v)²). We compute that form:
+it is the same number without the cancellation in x̂0 − x0 that the 1/(1−ᾱ) weight magnifies near t = 0,
+and it stays finite at the terminal timestep where ᾱ = 0. Everything here is fp32 (or the inputs' fp64).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.errors import UserError
+from trainer.rng import TIMESTEPS, derive_seed
+
+
+def _alphas_cumprod(config: dict) -> torch.Tensor:
+    # Reuse diffusers' own schedule construction so the trainer's ᾱ is the sampler's ᾱ, bit for bit.
+    from diffusers import CogVideoXDDIMScheduler
+
+    known = CogVideoXDDIMScheduler.from_config(config)
+    return known.alphas_cumprod.to(torch.float64)
+
+
+@dataclass(frozen=True)
+class Objective:
+    alphas_cumprod: torch.Tensor  # [T], fp64 on the CPU; moved and cast per use
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.numel()
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict, source: str = "scheduler config") -> Objective:
+        prediction = config.get("prediction_type", "epsilon")
+        if prediction != "v_prediction":
+            raise UserError(f"{source}: prediction_type is {prediction!r}; CogVideoX training needs 'v_prediction'")
+        return cls(_alphas_cumprod(config))
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> Objective:
+        path = Path(model_dir) / "scheduler" / "scheduler_config.json"
+        try:
+            config = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"model.path: {path} is missing (a CogVideoX directory has a scheduler/ folder)") from None
+        return cls.from_scheduler_config(config, str(path))
+
+    def _alpha(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        alpha = self.alphas_cumprod.to(device=t.device)[t].to(dtype)
+        return alpha.view(-1, *([1] * (like.dim() - 1)))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t in fp32 (fp64 for fp64 inputs); the caller casts to the compute dtype."""
+        x0, noise = _upcast(x0), _upcast(noise)
+        alpha = self._alpha(t, x0)
+        return alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+
+    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x0, noise = _upcast(x0), _upcast(noise)
+        alpha = self._alpha(t, x0)
+        return alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
+
+    def loss(self, v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss [B] (mean over elements), equal to the 1/(1−ᾱ)-weighted x0 loss; average it over the batch."""
+        error = _upcast(v_pred) - self.velocity(x0, noise, t)
+        return error.square().flatten(1).mean(dim=1)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def uniform_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device)
+
+
+def stratified_timesteps(seed: int, optimizer_step: int, global_batch: int, num_train_timesteps: int) -> torch.Tensor:
+    """Timesteps for a whole optimizer step's global batch: one per stratum of [0, T), in a shuffled order.
+
+    Deterministic from (seed, optimizer_step) alone, so every rank computes the same vector and takes
+    its own slots (see ``stratified_slots``) without communicating.
+    """
+    gen = torch.Generator().manual_seed(derive_seed(seed, TIMESTEPS, optimizer_step))
+    offsets = torch.rand(global_batch, generator=gen, dtype=torch.float64)
+    strata = (torch.arange(global_batch, dtype=torch.float64) + offsets) * (num_train_timesteps / global_batch)
+    timesteps = strata.floor().long().clamp_(0, num_train_timesteps - 1)
+    return timesteps[torch.randperm(global_batch, generator=gen)]
+
+
+def stratified_slots(micro_step: int, rank: int, world_size: int, micro_batch: int) -> slice:
+    """Where (micro_step, rank)'s samples sit in ``stratified_timesteps``' global vector."""
+    start = (micro_step * world_size + rank) * micro_batch
+    return slice(start, start + micro_batch)
+
+
+class TimestepSampler:
+    """Timesteps for one micro-batch, uniform per sample or stratified over the optimizer step's global batch."""
+
+    def __init__(self, kind: str, *, seed: int, rank: int, world_size: int, micro_batch: int, accumulation: int,
+                 num_train_timesteps: int, generator: torch.Generator):
+        self.kind, self.seed, self.rank, self.world_size = kind, seed, rank, world_size
+        self.micro_batch, self.accumulation, self.T, self.generator = micro_batch, accumulation, num_train_timesteps, generator
+
+    def __call__(self, optimizer_step: int, micro_step: int) -> torch.Tensor:
+        if self.kind == "uniform":
+            return uniform_timesteps(self.micro_batch, self.T, self.generator)
+        global_batch = self.micro_batch * self.world_size * self.accumulation
+        every = stratified_timesteps(self.seed, optimizer_step, global_batch, self.T)
+        mine = every[stratified_slots(micro_step, self.rank, self.world_size, self.micro_batch)]
+        return mine.to(self.generator.device)
