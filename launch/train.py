@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""Fine-tune a CogVideoX LoRA from a run spec.
+
+    deepspeed --num_gpus N launch/train.py --spec run.yaml [--set section.key=value ...]
+    torchrun --nproc_per_node N launch/train.py --spec run.yaml
+    python launch/train.py --spec run.yaml          (one process)
+
+A mistake in the spec or the data ends with one message naming the field, file or sample, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from trainer.distributed import ensure_process_env, env_rank  # noqa: E402
+from trainer.errors import EXIT_USER_ERROR, UserError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", required=True, type=Path, help="run spec YAML (see examples/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one spec field, typed by the schema; repeatable")
+    # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ensure_process_env()
+    import torch.distributed as dist
+
+    try:
+        from trainer.loop import train
+        from trainer.spec import load_spec
+
+        train(load_spec(args.spec, args.overrides))
+    except UserError as exc:
+        # Before the process group exists every rank fails the same way: let rank 0 say it once.
+        if dist.is_initialized():
+            print(f"error [rank {dist.get_rank()}]: {exc}", file=sys.stderr)
+        elif env_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Bad input through launch/train.py: one message naming the field or file, exit status 2, no traceback,
+and nothing started (no run directory, no process group)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+
+from helpers import REPO, run_train, write_spec
+from trainer.shard_format import encode_sample
+
+META = {"caption": "c", "source": "test", "fps": 8, "num_frames": 9, "height": 96, "width": 128}
+
+
+@pytest.fixture
+def good_spec(tiny_5b, shards_5b, tmp_path) -> dict:
+    return {"run": {"output_dir": str(tmp_path / "run")}, "model": {"path": str(tiny_5b)},
+            "data": {"shards": str(shards_5b), "num_workers": 0}, "train": {"max_steps": 2}}
+
+
+def fails_with(tmp_path: Path, spec: dict, *expected: str, overrides=(), ranks=None) -> str:
+    proc = run_train(write_spec(tmp_path / "run.yaml", spec), ranks=ranks, overrides=overrides)
+    assert proc.returncode != 0
+    if ranks is None:
+        assert proc.returncode == 2
+    err = proc.stderr
+    assert "Traceback" not in err, err
+    assert err.count("error") == 1 or ranks, err  # one message
+    for text in expected:
+        assert text in err, err
+    assert not (tmp_path / "run").exists()  # failed before the run started
+    return err
+
+
+def test_unknown_key(tmp_path, good_spec):
+    fails_with(tmp_path, {**good_spec, "lora": {"rank": 4, "alpah": 8}}, "run.yaml", "lora.alpah: unknown field")
+
+
+def test_wrong_type(tmp_path, good_spec):
+    fails_with(tmp_path, {**good_spec, "train": {"max_steps": "ten"}}, "train.max_steps", "'ten'")
+
+
+def test_wrong_type_from_the_command_line(tmp_path, good_spec):
+    fails_with(tmp_path, good_spec, "train.gradient_accumulation_steps", overrides=("train.gradient_accumulation_steps=-1",))
+
+
+def test_missing_model_directory(tmp_path, good_spec):
+    missing = tmp_path / "no-model-here"
+    fails_with(tmp_path, {**good_spec, "model": {"path": str(missing)}}, f"model.path: no such directory: {missing}")
+
+
+def test_shards_that_match_no_file(tmp_path, good_spec):
+    pattern = str(tmp_path / "train-{000000..000003}.tar")
+    fails_with(tmp_path, {**good_spec, "data": {"shards": pattern}}, "data.shards:", "train-000000.tar")
+
+
+def test_fewer_shards_than_ranks(tmp_path, good_spec, shards_5b):
+    one = sorted(shards_5b.glob("*.tar"))[0]
+    fails_with(tmp_path, {**good_spec, "data": {"shards": str(one)}}, "data.shards: 1 shard(s) for 2 ranks",
+               ranks=2)
+
+
+def test_shards_whose_shapes_do_not_fit_the_model(tmp_path, good_spec):
+    shard = tmp_path / "shards" / "wrong-000000.tar"
+    shard.parent.mkdir()
+    with wds.TarWriter(str(shard), encoder=False) as sink:  # packed for a real 5B: 16 channels, T5-XXL width
+        sink.write(encode_sample("clip-17", torch.zeros(16, 3, 12, 16), torch.zeros(226, 4096), META))
+    fails_with(tmp_path, {**good_spec, "data": {"shards": str(shard.parent)}},
+               f"shard {shard}, sample 'clip-17': latents have 16 channels", "in_channels=4")
+
+
+def test_deepspeed_config_contradicting_the_spec(tmp_path, good_spec):
+    config = tmp_path / "mine.json"
+    config.write_text('{"zero_optimization": {"stage": 2}, "gradient_clipping": 0.3}')
+    fails_with(tmp_path, {**good_spec, "deepspeed": {"config": str(config)}},
+               "deepspeed.config", "gradient_clipping is 0.3", "train.max_grad_norm")
+
+
+@pytest.mark.slow
+def test_two_ranks_under_the_launcher_say_it_once_and_fail(tmp_path, good_spec):
+    err = fails_with(tmp_path, {**good_spec, "lora": {"target_modules": ["to_qkv"]}},
+                     "lora.target_modules: ['to_qkv'] match no module", ranks=2)
+    assert err.count("match no module") == 1, err
+    assert REPO.is_dir()

@@ -1,0 +1,96 @@
+"""Gradient management in the real DeepSpeed engine, on 2 gloo ranks started with torch.multiprocessing.
+
+After the first optimizer step AdamW's first moment is exp_avg = (1 - beta1) * g, so it shows exactly the
+gradient the optimizer consumed. That gradient must equal the plain-autograd gradient of the same micro-batches
+(same noise, same timesteps), averaged over ranks and accumulation steps, clipped once to max_grad_norm.
+Clipping each micro-batch, or clipping twice with different norms, or mis-scaling the accumulation, all fail.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from helpers import free_port
+from trainer.data import ShardStream
+from trainer.diffusion import TimestepSampler
+from trainer.loop import Run, build, preflight, train_step
+from trainer.model import VideoTransformer
+from trainer.rng import NOISE, derive_seed
+from trainer.spec import RunSpec
+
+ACCUMULATION = 2
+
+
+class PlainAutograd:
+    """The reference 'engine': plain torch autograd, gradients left in .grad, no optimizer."""
+
+    def __init__(self, module, accumulation: int):
+        self.module, self.accumulation, self.device = module, accumulation, torch.device("cpu")
+
+    def __call__(self, *args):
+        return self.module(*args)
+
+    def backward(self, loss):
+        (loss / self.accumulation).backward()
+
+    def step(self):
+        pass
+
+
+def _probe(rank: int, world_size: int, port: int, model_dir: str, shards: str, max_grad_norm: float) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    spec = RunSpec.model_validate({
+        "model": {"path": model_dir}, "data": {"shards": shards, "num_workers": 0, "shuffle_buffer": 0},
+        "lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-3, "weight_decay": 0.0},
+        "train": {"max_steps": 1, "gradient_accumulation_steps": ACCUMULATION, "max_grad_norm": max_grad_norm,
+                  "precision": "fp32"}})
+    plan = preflight(spec)
+    run = build(spec, plan)
+    assert run.engine.train_batch_size() == ACCUMULATION * world_size
+    stream = ShardStream(plan.shards, rank=rank, world_size=world_size, seed=0, micro_batch_size=1,
+                         shuffle_buffer=0, shapes=plan.shapes)
+    micro_batches = list(itertools.islice(iter(stream), ACCUMULATION))
+
+    reference = VideoTransformer.from_pretrained(plan.model_dir, spec.lora, torch.float32, False, spec.run.seed)
+    engine_params = run.model.lora_parameters()
+    for name, param in reference.lora_parameters().items():
+        assert torch.equal(param, safe_get_full_fp32_param(engine_params[name])), name
+    noise = torch.Generator().manual_seed(derive_seed(spec.run.seed, NOISE, rank))
+    sampler = TimestepSampler("uniform", seed=0, rank=rank, world_size=world_size, micro_batch=1,
+                              accumulation=ACCUMULATION, num_train_timesteps=1000, generator=noise)
+    ref_run = Run(spec, PlainAutograd(reference, ACCUMULATION), reference, run.objective, sampler, noise,
+                  torch.float32)
+    ref_loss = train_step(ref_run, iter(micro_batches), 1)
+    loss = train_step(run, iter(micro_batches), 1)
+    assert torch.equal(loss, ref_loss)  # same batches, noise and timesteps
+    assert run.engine.was_step_applied()
+
+    grads = {name: p.grad.clone() for name, p in reference.lora_parameters().items()}
+    for grad in grads.values():  # data parallel: the gradient is the mean over ranks
+        dist.all_reduce(grad)
+        grad /= world_size
+    norm = math.sqrt(sum(g.double().square().sum().item() for g in grads.values()))
+    reported = float(run.engine.get_global_grad_norm())
+    assert abs(reported - norm) <= 1e-4 * norm, (reported, norm)  # the pre-clip norm
+    coef = min(1.0, max_grad_norm / (norm + 1e-6))  # DeepSpeed's clip coefficient
+    beta1 = spec.optim.betas[0]
+    for name, param in engine_params.items():
+        used = safe_get_full_optimizer_state(param, "exp_avg") / (1 - beta1)
+        torch.testing.assert_close(used, grads[name] * coef, rtol=1e-4, atol=1e-10, msg=name)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_grad_norm", [1e-4, 1e3], ids=["clipped", "unclipped"])
+def test_accumulated_gradient_is_averaged_and_clipped_once(max_grad_norm, tiny_5b, shards_5b):
+    mp.spawn(_probe, args=(2, free_port(), str(tiny_5b), str(shards_5b), max_grad_norm), nprocs=2, join=True)
