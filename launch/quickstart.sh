@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The embedded default, end to end: set up .venv, write a tiny random-weight CogVideoX (5B-style, 3D RoPE)
+# and synthetic training shards, train a LoRA with DeepSpeed on 2 ranks (CPU when there is no GPU; one rank
+# per GPU otherwise), and export it as a diffusers LoRA file. Extra arguments go to launch/train.py:
+#   bash launch/quickstart.sh --set train.max_steps=20
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash launch/setup_env.sh
+VENV="${VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+OUT=runs/quickstart  # examples/tiny.yaml points here
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  RANKS="${RANKS:-$(nvidia-smi -L | wc -l)}"
+else
+  RANKS="${RANKS:-2}"
+fi
+rm -rf "$OUT"  # the quickstart owns this folder: start clean every time
+"$PY" data_tools/tiny_model.py --out "$OUT/model" --flavour 5b
+"$PY" data_tools/synth.py --model "$OUT/model" --out "$OUT/shards" --samples 8 --samples-per-shard 1
+"$VENV/bin/deepspeed" --num_gpus "$RANKS" launch/train.py --spec examples/tiny.yaml "$@"
+
+cat <<DONE
+
+quickstart finished ($RANKS ranks):
+  model directory   $OUT/model            (tiny, random weights, loads with CogVideoXPipeline.from_pretrained)
+  training shards   $OUT/shards
+  run directory     $OUT/run              (spec.yaml, metrics.jsonl, tensorboard/, checkpoints/)
+  LoRA              $OUT/run/lora/pytorch_lora_weights.safetensors
+  TensorBoard       $VENV/bin/tensorboard --logdir $OUT/run/tensorboard
+  use it            pipe = CogVideoXPipeline.from_pretrained("$OUT/model"); pipe.load_lora_weights("$OUT/run/lora")
+DONE
