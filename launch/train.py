@@ -32,10 +32,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    ensure_process_env()
     import torch.distributed as dist
 
     try:
+        ensure_process_env()
         from trainer.loop import train
         from trainer.spec import load_spec
 

@@ -64,6 +64,10 @@ def test_missing_required_fields_are_named(tmp_path):
     assert "data: required field is missing" in msg and "train: required field is missing" in msg
 
 
+def test_negative_seed_is_refused(tmp_path):
+    assert "run.seed: Input should be greater than or equal to 0" in error_of(tmp_path, {**MINIMAL, "run": {"seed": -5}})
+
+
 def test_cross_field_error_names_both_fields(tmp_path):
     msg = error_of(tmp_path, {**MINIMAL, "optim": {"warmup_steps": 50}})
     assert "optim.warmup_steps (50) exceeds train.max_steps (10)" in msg

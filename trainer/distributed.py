@@ -8,8 +8,10 @@ import socket
 import torch
 import torch.distributed as dist
 
+from trainer.errors import UserError
 
-def _free_port() -> int:
+
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -20,9 +22,14 @@ def ensure_process_env() -> None:
     MPI discovery (and need mpi4py); launchers (deepspeed, torchrun) set them all themselves."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
+    for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(name, "1").isdigit() and int(os.environ.get(name, "1")) > 1:
+            # Every task would become its own rank 0 writing into the same run directory: refuse.
+            raise UserError(f"{name}={os.environ[name]} but RANK/WORLD_SIZE are not set: start the ranks with "
+                            f"the deepspeed launcher or torchrun (one task per node), or set the rank variables")
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def env_rank() -> int:

@@ -24,7 +24,7 @@ class RunSection(_Section):
     name: str = Field("run", min_length=1)
     # Everything the run writes (checkpoints, LoRA export, logs) goes here; default runs/<name>.
     output_dir: Path | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
     @property
     def dir(self) -> Path:
