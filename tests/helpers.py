@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from trainer.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# Metadata every test sample carries (the shard format requires these fields).
+META = {"caption": "c", "source": "test", "fps": 8, "num_frames": 9, "height": 96, "width": 128}
 
 
 def zero_config(tmp_path: Path, stage: int) -> Path:
@@ -43,7 +40,7 @@ def train_env() -> dict[str, str]:
     return env
 
 
-def run_train(spec: Path, *, ranks: int | None = None, overrides: tuple[str, ...] = (),
+def run_train(spec: Path, *, ranks: int | None = None, overrides: tuple[str, ...] = (), env: dict | None = None,
               timeout: int = 900) -> subprocess.CompletedProcess:
     """launch/train.py as a user runs it: a plain process (ranks=None) or under the deepspeed launcher."""
     args = ["launch/train.py", "--spec", str(spec), *[a for o in overrides for a in ("--set", o)]]
@@ -52,7 +49,8 @@ def run_train(spec: Path, *, ranks: int | None = None, overrides: tuple[str, ...
     else:
         launcher = Path(sys.executable).with_name("deepspeed")
         cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), *args]
-    return subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env={**train_env(), **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

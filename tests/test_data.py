@@ -11,12 +11,12 @@ import pytest
 import torch
 import webdataset as wds
 
+from helpers import META
 from trainer.data import ShardStream, batches, build_loader, check_shards_fit, loader_workers, resolve_shards
 from trainer.errors import UserError
 from trainer.model import ModelShapes
 from trainer.shard_format import ShardError, decode_sample, encode_sample
 
-META = {"caption": "c", "source": "test", "fps": 8, "num_frames": 9, "height": 96, "width": 128}
 
 
 def write_shards(root: Path, shapes_per_shard: list[list[tuple[int, int, int, int]]], text=(226, 32)) -> list[str]:
@@ -112,8 +112,7 @@ def test_loader_workers_together_read_everything(tmp_path, shapes):
     assert loader_workers(4, world_size=2, num_workers=3) == 2  # one shard per worker at most
     assert loader_workers(4, world_size=1, num_workers=0) == 0
     with pytest.raises(UserError, match=r"data.shards: 4 shard\(s\) for 5 ranks"):
-        build_loader(paths, rank=0, world_size=5, seed=0, micro_batch_size=1, shuffle_buffer=0, num_workers=1,
-                     shapes=shapes, pin_memory=False)
+        loader_workers(4, world_size=5, num_workers=1)
 
 
 def test_a_bad_sample_in_a_worker_arrives_as_itself(tmp_path, shapes):
@@ -145,3 +144,21 @@ def test_decode_rejects_missing_members_and_non_safetensors():
     with pytest.raises(ShardError, match="metadata is not valid JSON"):
         decode_sample({**raw, "json": b"{"})
     assert json.loads(raw["json"]) == META
+
+
+def test_a_truncated_shard_is_named_not_a_traceback(tmp_path, shapes):
+    paths = write_shards(tmp_path, [[(4, 3, 12, 16)] * 3])
+    data = Path(paths[0]).read_bytes()
+    Path(paths[0]).write_bytes(data[: len(data) // 2])  # cut mid-sample, as an interrupted copy leaves it
+    stream = ShardStream(paths, rank=0, world_size=1, seed=0, micro_batch_size=1, shuffle_buffer=0, shapes=shapes)
+    with pytest.raises(ShardError, match=r"shard .*part-000.tar: cannot be read after sample 's000"):
+        list(itertools.islice(batches(stream), 5))
+
+
+def test_empty_shards_stop_the_stream_instead_of_spinning(tmp_path, shapes):
+    paths = write_shards(tmp_path, [[], [(4, 3, 12, 16)]])
+    empty = ShardStream(paths, rank=0, world_size=2, seed=0, micro_batch_size=1, shuffle_buffer=0, shapes=shapes)
+    full = ShardStream(paths, rank=1, world_size=2, seed=0, micro_batch_size=1, shuffle_buffer=0, shapes=shapes)
+    owner_of_empty = empty if empty.shards_for(0, 0, 1) == [paths[0]] else full
+    with pytest.raises(ShardError, match=r"part-000.tar: hold no samples \(rank \d, loader worker 0\)"):
+        next(batches(owner_of_empty))

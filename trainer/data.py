@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import itertools
 import random
+import tarfile
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,11 +107,22 @@ class ShardStream(IterableDataset):
         return order[self.rank :: self.world_size][worker::num_workers]
 
     def samples(self, epoch: int, worker: int, num_workers: int) -> Iterator[Sample]:
-        urls = [{"url": shard} for shard in self.shards_for(epoch, worker, num_workers)]
-        for raw in wds.tarfile_samples(urls):
-            sample = decode_sample(raw)
-            self.shapes.check(sample)
-            yield sample
+        mine = self.shards_for(epoch, worker, num_workers)
+        count = 0
+        for shard in mine:
+            key = None
+            try:
+                for raw in wds.tarfile_samples([{"url": shard}]):
+                    key = raw.get("__key__")
+                    sample = decode_sample(raw)
+                    self.shapes.check(sample)
+                    count += 1
+                    yield sample
+            except (tarfile.TarError, OSError, ValueError) as exc:  # truncated, corrupt, unreadable, duplicate keys
+                after = f" after sample {key!r}" if key else ""
+                raise ShardError(shard, None, f"cannot be read{after} ({exc})") from None
+        if count == 0:  # an endless stream of empty epochs would never yield, and the other ranks would wait
+            raise ShardError(", ".join(mine), None, f"hold no samples (rank {self.rank}, loader worker {worker})")
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -131,8 +143,8 @@ class ShardStream(IterableDataset):
             yield exc
 
 
-def batches(loader: DataLoader) -> Iterator[Batch]:
-    """The loader's batches; a data error from any worker is raised here, in the training process."""
+def batches(loader: DataLoader | ShardStream) -> Iterator[Batch]:
+    """The batches of a loader (or a bare stream); a data error from any worker is raised here, in the trainer."""
     for item in loader:
         if isinstance(item, ShardError):
             raise item
@@ -149,7 +161,7 @@ def loader_workers(num_shards: int, world_size: int, num_workers: int) -> int:
 
 def build_loader(shards: list[str], *, rank: int, world_size: int, seed: int, micro_batch_size: int,
                  shuffle_buffer: int, num_workers: int, shapes: ModelShapes, pin_memory: bool) -> DataLoader:
-    num_workers = loader_workers(len(shards), world_size, num_workers)
+    """num_workers: per rank, at most ``loader_workers`` allows (each worker needs a shard of its own)."""
     stream = ShardStream(shards, rank=rank, world_size=world_size, seed=seed, micro_batch_size=micro_batch_size,
                          shuffle_buffer=shuffle_buffer, shapes=shapes)
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,

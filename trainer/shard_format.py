@@ -29,8 +29,8 @@ META_FIELDS = ("caption", "source", "fps", "num_frames", "height", "width")
 class ShardError(UserError):
     """A sample that cannot be used; the message names the shard and the sample key."""
 
-    def __init__(self, shard: str, key: str, problem: str):
-        super().__init__(f"shard {shard}, sample {key!r}: {problem}")
+    def __init__(self, shard: str, key: str | None, problem: str):
+        super().__init__(f"shard {shard}, sample {key!r}: {problem}" if key else f"shard {shard}: {problem}")
         self.shard, self.key, self.problem = shard, key, problem
 
     def __reduce__(self):  # crosses from loader workers to the trainer intact
