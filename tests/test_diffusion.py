@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler
 
-from trainer.diffusion import Objective, stratified_slots, stratified_timesteps
+from trainer.diffusion import Objective, TimestepSampler, stratified_slots, stratified_timesteps
 from trainer.errors import UserError
 
 T = 1000
@@ -124,3 +124,24 @@ def test_stratified_slots_partition_the_global_batch():
             s = stratified_slots(micro_step, rank, world, micro)
             seen.extend(range(s.start, s.stop))
     assert sorted(seen) == list(range(world * micro * accum))
+
+
+def test_stratified_sampler_covers_the_global_batch_across_ranks_and_micro_steps():
+    world, micro, accum = 3, 2, 2
+    drawn = []
+    for rank in range(world):
+        sampler = TimestepSampler("stratified", seed=1, rank=rank, world_size=world, micro_batch=micro,
+                                  accumulation=accum, num_train_timesteps=T, generator=torch.Generator())
+        for micro_step in range(accum):
+            drawn.extend(sampler(7, micro_step).tolist())
+    global_batch = world * micro * accum
+    assert sorted(t * global_batch // T for t in drawn) == list(range(global_batch))
+
+
+def test_uniform_sampler_draws_from_its_generator():
+    gen = torch.Generator().manual_seed(0)
+    sampler = TimestepSampler("uniform", seed=1, rank=0, world_size=1, micro_batch=4096, accumulation=1,
+                              num_train_timesteps=T, generator=gen)
+    ts = sampler(1, 0)
+    assert ts.min() == 0 and ts.max() == T - 1 and len(set(ts.tolist())) > 900
+    assert not torch.equal(ts, sampler(1, 0))  # independent draws, even within one step

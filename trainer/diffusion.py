@@ -30,7 +30,7 @@ def _alphas_cumprod(config: dict) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Objective:
-    alphas_cumprod: torch.Tensor  # [T], fp64 on the CPU; moved and cast per use
+    alphas_cumprod: torch.Tensor  # [T], fp64; the trainer moves it to its device once (`to`)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -52,9 +52,13 @@ class Objective:
             raise UserError(f"model.path: {path} is missing (a CogVideoX directory has a scheduler/ folder)") from None
         return cls.from_scheduler_config(config, str(path))
 
+    def to(self, device: torch.device | str) -> Objective:
+        """The same objective with ᾱ on `device`: indexing it there needs no host-device copy per step."""
+        return Objective(self.alphas_cumprod.to(device))
+
     def _alpha(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-        alpha = self.alphas_cumprod.to(device=t.device)[t].to(dtype)
+        alpha = self.alphas_cumprod.to(device=t.device)[t].to(dtype)  # no copy once the objective is on t's device
         return alpha.view(-1, *([1] * (like.dim() - 1)))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -82,17 +86,20 @@ def uniform_timesteps(batch: int, num_train_timesteps: int, generator: torch.Gen
     return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device)
 
 
-def stratified_timesteps(seed: int, optimizer_step: int, global_batch: int, num_train_timesteps: int) -> torch.Tensor:
+def stratified_timesteps(seed: int, optimizer_step: int, global_batch: int, num_train_timesteps: int,
+                         device: torch.device | str = "cpu") -> torch.Tensor:
     """Timesteps for a whole optimizer step's global batch: one per stratum of [0, T), in a shuffled order.
 
-    Deterministic from (seed, optimizer_step) alone, so every rank computes the same vector and takes
-    its own slots (see ``stratified_slots``) without communicating.
+    Deterministic from (seed, optimizer_step) and the device type alone, so every rank computes the same
+    vector and takes its own slots (see ``stratified_slots``) without communicating. Drawn on the device
+    itself: a host-to-device copy every step would make the host wait for the GPU.
     """
-    gen = torch.Generator().manual_seed(derive_seed(seed, TIMESTEPS, optimizer_step))
-    offsets = torch.rand(global_batch, generator=gen, dtype=torch.float64)
-    strata = (torch.arange(global_batch, dtype=torch.float64) + offsets) * (num_train_timesteps / global_batch)
+    gen = torch.Generator(device=device).manual_seed(derive_seed(seed, TIMESTEPS, optimizer_step))
+    offsets = torch.rand(global_batch, generator=gen, dtype=torch.float64, device=device)
+    strata = (torch.arange(global_batch, dtype=torch.float64, device=device) + offsets) * (
+        num_train_timesteps / global_batch)
     timesteps = strata.floor().long().clamp_(0, num_train_timesteps - 1)
-    return timesteps[torch.randperm(global_batch, generator=gen)]
+    return timesteps[torch.randperm(global_batch, generator=gen, device=device)]
 
 
 def stratified_slots(micro_step: int, rank: int, world_size: int, micro_batch: int) -> slice:
@@ -108,11 +115,13 @@ class TimestepSampler:
                  num_train_timesteps: int, generator: torch.Generator):
         self.kind, self.seed, self.rank, self.world_size = kind, seed, rank, world_size
         self.micro_batch, self.accumulation, self.T, self.generator = micro_batch, accumulation, num_train_timesteps, generator
+        self._step_timesteps: tuple[int, torch.Tensor] | None = None  # the current optimizer step's global vector
 
     def __call__(self, optimizer_step: int, micro_step: int) -> torch.Tensor:
         if self.kind == "uniform":
             return uniform_timesteps(self.micro_batch, self.T, self.generator)
-        global_batch = self.micro_batch * self.world_size * self.accumulation
-        every = stratified_timesteps(self.seed, optimizer_step, global_batch, self.T)
-        mine = every[stratified_slots(micro_step, self.rank, self.world_size, self.micro_batch)]
-        return mine.to(self.generator.device)
+        if self._step_timesteps is None or self._step_timesteps[0] != optimizer_step:
+            global_batch = self.micro_batch * self.world_size * self.accumulation
+            self._step_timesteps = (optimizer_step, stratified_timesteps(
+                self.seed, optimizer_step, global_batch, self.T, device=self.generator.device))
+        return self._step_timesteps[1][stratified_slots(micro_step, self.rank, self.world_size, self.micro_batch)]
