@@ -57,6 +57,11 @@ def _probe(rank: int, world_size: int, port: int, model_dir: str, shards: str, m
     plan = preflight(spec)
     run = build(spec, plan)
     assert run.engine.train_batch_size() == ACCUMULATION * world_size
+    # each rank draws its own noise (a copy of the generator, so the run below is untouched)
+    probe = torch.Generator().set_state(run.noise.get_state())
+    draws = [torch.empty(16) for _ in range(world_size)]
+    dist.all_gather(draws, torch.randn(16, generator=probe))
+    assert not torch.equal(draws[0], draws[1])
     stream = ShardStream(plan.shards, rank=rank, world_size=world_size, seed=0, micro_batch_size=1,
                          shuffle_buffer=0, shapes=plan.shapes)
     micro_batches = list(itertools.islice(iter(stream), ACCUMULATION))

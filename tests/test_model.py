@@ -10,7 +10,7 @@ import torch
 from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
 from trainer.errors import UserError
-from trainer.model import ModelShapes, VideoTransformer, resolve_model_dir
+from trainer.model import ModelShapes, VideoTransformer, check_lora_targets, resolve_model_dir
 from trainer.shard_format import Sample, ShardError
 from trainer.spec import LoraSection
 
@@ -74,9 +74,9 @@ def test_lora_is_the_only_trainable_part_and_init_is_seeded(tiny_5b):
 
 
 def test_unknown_lora_target_names_the_field(tiny_5b):
+    check_lora_targets(tiny_5b, ["to_q", "ff.net.2", "attn1.to_out.0"])
     with pytest.raises(UserError, match=r"lora.target_modules: \['to_qq'\] match no module"):
-        VideoTransformer.from_pretrained(tiny_5b, LoraSection(target_modules=["to_q", "to_qq"]), torch.float32,
-                                         gradient_checkpointing=False, seed=0)
+        check_lora_targets(tiny_5b, ["to_q", "to_qq"])
 
 
 def test_model_dir_problems_name_model_path(tmp_path, tiny_5b):

@@ -32,6 +32,9 @@ def assert_learned(run_dir: Path, samples_per_step: int) -> list[dict]:
     # the effective batch DeepSpeed used: micro batch x ranks x accumulation samples per optimizer step
     assert all(m["samples_seen"] == m["optimizer_step"] * samples_per_step for m in metrics)
     assert all(m["skipped_steps"] == 0 and m["grad_norm"] > 0 for m in metrics)
+    # examples/tiny.yaml: 10 warmup steps to 1e-2, then cosine to 1e-3; the logged lr is the one each step used
+    lrs = [m["lr"] for m in metrics]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[9] == pytest.approx(1e-2) and lrs[-1] < lrs[20] < lrs[10]
     return metrics
 
 
@@ -111,3 +114,18 @@ def test_2b_style_single_process_learns_and_exports(tiny_2b, shards_2b, tmp_path
     assert_learned(run_dir, samples_per_step=2)
     assert not (run_dir / "checkpoints").exists()
     assert_export_applies(run_dir / "lora", tiny_2b, run_dir / "lora" / "spec.yaml")
+
+
+def test_zero3_offload_config_trains_and_exports(tiny_5b, shards_5b, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(REPO / "examples" / "tiny.yaml", overrides=(
+        f"model.path={tiny_5b}", f"data.shards={shards_5b}", f"run.output_dir={run_dir}",
+        "deepspeed.config=zero3_offload", "train.max_steps=3", "optim.warmup_steps=1", "logging.every_steps=1",
+        "checkpoint.every_steps=3"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ZeRO-3, 1 rank(s)" in proc.stderr
+    assert [m["optimizer_step"] for m in read_metrics(run_dir)] == [1, 2, 3]
+    assert (run_dir / "checkpoints" / "step_00000003").is_dir()
+    tensors = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
+    assert tensors and all(t.numel() > 0 for t in tensors.values())
+    assert any(t.abs().sum() > 0 for name, t in tensors.items() if "lora_B" in name)  # B moved off its zero init

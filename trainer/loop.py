@@ -37,6 +37,7 @@ class Plan:
     shapes: ModelShapes
     objective: Objective
     shards: list[str]
+    num_workers: int  # loader workers per rank: data.num_workers, capped so each has a shard of its own
     ds_config: dict
 
 
@@ -47,14 +48,15 @@ def preflight(spec: RunSpec) -> Plan:
     objective = Objective.from_model_dir(model_dir)
     shards = resolve_shards(spec.data.shards)
     world_size = env_world_size()
-    loader_workers(len(shards), world_size, spec.data.num_workers)  # fewer shards than ranks fails here
+    num_workers = loader_workers(len(shards), world_size, spec.data.num_workers)
     check_shards_fit(shards, shapes)
     ds_config = assemble_config(spec, world_size)
-    checkpoints = spec.run.dir / "checkpoints"
-    if checkpoints.is_dir() and any(checkpoints.glob("step_*")):
-        raise UserError(f"run.output_dir: {spec.run.dir} already holds checkpoints of an earlier run; "
+    earlier = [p.name for p in (spec.run.dir / "metrics.jsonl", spec.run.dir / "lora") if p.exists()]
+    earlier += ["checkpoints"] if any((spec.run.dir / "checkpoints").glob("step_*")) else []
+    if earlier:  # never overwrite what an earlier run produced
+        raise UserError(f"run.output_dir: {spec.run.dir} already holds an earlier run ({', '.join(earlier)}); "
                         f"choose another run.output_dir (or run.name), or delete it")
-    return Plan(model_dir, shapes, objective, shards, ds_config)
+    return Plan(model_dir, shapes, objective, shards, num_workers, ds_config)
 
 
 @dataclass
@@ -106,7 +108,7 @@ def build(spec: RunSpec, plan: Plan) -> Run:
         spec.train.timestep_sampling, seed=spec.run.seed, rank=rank, world_size=world_size,
         micro_batch=spec.data.micro_batch_size, accumulation=spec.train.gradient_accumulation_steps,
         num_train_timesteps=plan.objective.num_train_timesteps, generator=noise)
-    return Run(spec, engine, model, plan.objective, timesteps, noise, dtype)
+    return Run(spec, engine, model, plan.objective.to(engine.device), timesteps, noise, dtype)
 
 
 def describe(run: Run, plan: Plan, reporter: Reporter) -> None:
@@ -116,9 +118,8 @@ def describe(run: Run, plan: Plan, reporter: Reporter) -> None:
     total = sum(numel(p) for p in run.model.parameters())
     trainable = sum(numel(p) for p in run.model.lora_parameters().values())
     spec, engine = run.spec, run.engine
-    workers = loader_workers(len(plan.shards), dist.get_world_size(), spec.data.num_workers)
-    if workers < spec.data.num_workers:
-        reporter.print(f"note: {workers} loader worker(s) per rank instead of data.num_workers="
+    if plan.num_workers < spec.data.num_workers:
+        reporter.print(f"note: {plan.num_workers} loader worker(s) per rank instead of data.num_workers="
                        f"{spec.data.num_workers}: each worker needs a shard of its own ({len(plan.shards)} shard(s))")
     reporter.print(
         f"model {plan.model_dir}: {total:,} parameters, {trainable:,} LoRA trainable (rank {spec.lora.rank}, "
@@ -140,7 +141,7 @@ def train(spec: RunSpec) -> Path | None:
         (run_dir / "spec.yaml").write_text(spec.to_yaml())
     loader = build_loader(plan.shards, rank=rank, world_size=world_size, seed=spec.run.seed,
                           micro_batch_size=spec.data.micro_batch_size, shuffle_buffer=spec.data.shuffle_buffer,
-                          num_workers=spec.data.num_workers, shapes=plan.shapes, pin_memory=engine.device.type == "cuda")
+                          num_workers=plan.num_workers, shapes=plan.shapes, pin_memory=engine.device.type == "cuda")
     reporter = Reporter(run_dir, spec.train.max_steps, active=rank == 0, tensorboard=spec.logging.tensorboard)
     describe(run, plan, reporter)
 
@@ -148,6 +149,7 @@ def train(spec: RunSpec) -> Path | None:
     interval_loss, interval_steps, skipped, started = torch.zeros((), device=engine.device), 0, 0, time.perf_counter()
     last_loss = float("nan")
     for optimizer_step in range(1, spec.train.max_steps + 1):
+        lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on inside the step
         interval_loss += train_step(run, stream, optimizer_step)
         interval_steps += 1
         skipped += not engine.was_step_applied()
@@ -158,7 +160,7 @@ def train(spec: RunSpec) -> Path | None:
             elapsed = time.perf_counter() - started
             reporter.log(optimizer_step, {
                 "loss": last_loss, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "lr": engine.get_lr()[0], "samples_per_s": interval_steps * global_batch / elapsed,
+                "lr": lr, "samples_per_s": interval_steps * global_batch / elapsed,
                 "samples_seen": optimizer_step * global_batch, "skipped_steps": skipped})
             interval_loss.zero_()
             interval_steps, started = 0, time.perf_counter()
