@@ -59,15 +59,24 @@ def resolve_shards(shards: str | list[str]) -> list[str]:
     return list(dict.fromkeys(found))  # drop repeats, keep order
 
 
-def first_sample(shard: str) -> Sample:
-    """The first sample of a shard, decoded; used to check shapes against the model before any work starts."""
+def shard_samples(shard: str) -> Iterator[Sample]:
+    """The decoded samples of one shard; a truncated, corrupt or unreadable tar becomes a ShardError naming it."""
+    key = None
     try:
-        raw = next(iter(wds.tarfile_samples([{"url": shard}])), None)
-    except Exception as exc:
-        raise UserError(f"shard {shard}: cannot be read as a tar file ({exc})") from None
-    if raw is None:
-        raise UserError(f"shard {shard}: holds no samples")
-    return decode_sample(raw)
+        for raw in wds.tarfile_samples([{"url": shard}]):
+            key = raw.get("__key__")
+            yield decode_sample(raw)
+    except (tarfile.TarError, OSError, ValueError) as exc:  # truncated, corrupt, unreadable, duplicate keys
+        after = f" after sample {key!r}" if key else ""
+        raise ShardError(shard, None, f"cannot be read{after} ({exc})") from None
+
+
+def first_sample(shard: str) -> Sample:
+    """The first sample of a shard; used to check shapes against the model before any work starts."""
+    sample = next(shard_samples(shard), None)
+    if sample is None:
+        raise ShardError(shard, None, "holds no samples")
+    return sample
 
 
 def check_shards_fit(shards: list[str], shapes: ModelShapes) -> None:
@@ -110,17 +119,10 @@ class ShardStream(IterableDataset):
         mine = self.shards_for(epoch, worker, num_workers)
         count = 0
         for shard in mine:
-            key = None
-            try:
-                for raw in wds.tarfile_samples([{"url": shard}]):
-                    key = raw.get("__key__")
-                    sample = decode_sample(raw)
-                    self.shapes.check(sample)
-                    count += 1
-                    yield sample
-            except (tarfile.TarError, OSError, ValueError) as exc:  # truncated, corrupt, unreadable, duplicate keys
-                after = f" after sample {key!r}" if key else ""
-                raise ShardError(shard, None, f"cannot be read{after} ({exc})") from None
+            for sample in shard_samples(shard):
+                self.shapes.check(sample)
+                count += 1
+                yield sample
         if count == 0:  # an endless stream of empty epochs would never yield, and the other ranks would wait
             raise ShardError(", ".join(mine), None, f"hold no samples (rank {self.rank}, loader worker {worker})")
 

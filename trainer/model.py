@@ -94,23 +94,21 @@ def lora_config(section: LoraSection):
     )
 
 
-def _check_targets(module: nn.Module, targets: list[str]) -> None:
-    # peft matches a target by the module name or its dotted suffix; say which target matched nothing.
-    names = [name for name, _ in module.named_modules()]
+def check_lora_targets(model_dir: Path, targets: list[str]) -> None:
+    """Check the LoRA targets against a weightless copy of the transformer (meta device: no memory, no I/O).
+
+    peft matches a target by the module name or its dotted suffix; say which target matched nothing.
+    """
+    from diffusers import CogVideoXTransformer3DModel
+
+    with torch.device("meta"):
+        skeleton = CogVideoXTransformer3DModel.from_config(read_transformer_config(model_dir))
+    names = [name for name, _ in skeleton.named_modules()]
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
         examples = sorted({n.split(".", 2)[-1] for n in names if n.startswith("transformer_blocks.0.")})[:12]
         raise UserError(f"lora.target_modules: {unmatched} match no module of the transformer "
                         f"(modules of a block include {examples})")
-
-
-def check_lora_targets(model_dir: Path, targets: list[str]) -> None:
-    """Check the LoRA targets against a weightless copy of the transformer (meta device: no memory, no I/O)."""
-    from diffusers import CogVideoXTransformer3DModel
-
-    with torch.device("meta"):
-        skeleton = CogVideoXTransformer3DModel.from_config(read_transformer_config(model_dir))
-    _check_targets(skeleton, targets)
 
 
 class VideoTransformer(nn.Module):
