@@ -11,16 +11,19 @@ packed by data_tools/shard.py.
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":  # put the repo first on sys.path instead of data_tools/, whose inspect.py would
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadow the standard library's inspect module
+
+import argparse
+import json
+import math
+
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from data_tools.encode import latent_geometry  # noqa: E402
 from trainer.shard_format import encode_sample  # noqa: E402
 
 COLOURS = ["red", "green", "blue", "yellow", "white", "orange", "purple", "cyan"]
@@ -33,12 +36,10 @@ def caption(i: int) -> str:
 
 
 def latent_shape(model_dir: Path, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    vae = json.loads((model_dir / "vae" / "config.json").read_text())
-    spatial = 2 ** (len(vae["block_out_channels"]) - 1)
-    temporal = vae["temporal_compression_ratio"]
+    channels, temporal, spatial = latent_geometry(model_dir)
     if (frames - 1) % temporal or height % spatial or width % spatial:
         raise SystemExit(f"frames must be {temporal}k+1 and height/width multiples of {spatial}")
-    return vae["latent_channels"], (frames - 1) // temporal + 1, height // spatial, width // spatial
+    return channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
 
 
 def pattern(i: int, shape: tuple[int, int, int, int]) -> torch.Tensor:

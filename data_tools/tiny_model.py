@@ -13,10 +13,14 @@ compression, patch size 2, 226 text tokens); only widths and depths are small.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+
+if __name__ == "__main__":  # put the repo first on sys.path instead of data_tools/, whose inspect.py would
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadow the standard library's inspect module
+
+import argparse
+from dataclasses import dataclass
 
 import torch
 

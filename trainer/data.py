@@ -59,16 +59,22 @@ def resolve_shards(shards: str | list[str]) -> list[str]:
     return list(dict.fromkeys(found))  # drop repeats, keep order
 
 
-def shard_samples(shard: str) -> Iterator[Sample]:
-    """The decoded samples of one shard; a truncated, corrupt or unreadable tar becomes a ShardError naming it."""
+def raw_samples(shard: str) -> Iterator[dict]:
+    """webdataset's member dicts of one shard; a truncated, corrupt or unreadable tar becomes a ShardError."""
     key = None
     try:
         for raw in wds.tarfile_samples([{"url": shard}]):
             key = raw.get("__key__")
-            yield decode_sample(raw)
+            yield raw
     except (tarfile.TarError, OSError, ValueError) as exc:  # truncated, corrupt, unreadable, duplicate keys
         after = f" after sample {key!r}" if key else ""
         raise ShardError(shard, None, f"cannot be read{after} ({exc})") from None
+
+
+def shard_samples(shard: str) -> Iterator[Sample]:
+    """The decoded samples of one shard; the first bad one raises a ShardError naming the shard and key."""
+    for raw in raw_samples(shard):
+        yield decode_sample(raw)
 
 
 def first_sample(shard: str) -> Sample:

@@ -6,7 +6,7 @@ Never use Python's hash() for this: string hashing is randomised per process.
 import numpy as np
 
 # Stream tags keep the seeds of different consumers apart.
-TIMESTEPS, NOISE, DATA_ORDER, DATA_SHUFFLE, LORA_INIT = range(5)
+TIMESTEPS, NOISE, DATA_ORDER, DATA_SHUFFLE, LORA_INIT, VAE_NOISE = range(6)
 
 
 def derive_seed(*parts: int) -> int:

@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Pack videos and captions into training shards, once: VAE latents and T5 prompt embeddings that any number
+of training runs stream from.
+
+    python data_tools/shard.py --input DATASET --model MODEL_DIR --out SHARDS_DIR [--frames 49 --height 480 --width 720]
+    torchrun --nproc_per_node 8 data_tools/shard.py --input ... --model ... --out ...     # one rank per GPU
+
+DATASET is a directory with prompts.txt + videos.txt (the CogVideo finetune layout), a .csv or .jsonl manifest
+with video and caption columns, or a directory of videos each with a same-stem .txt caption. Each rank packs
+its own shards; rerunning the same command after a crash keeps the finished shards and packs the rest. Bad
+inputs are listed with their reason in SHARDS_DIR/rejected.jsonl and the rest is packed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # put the repo first on sys.path instead of data_tools/, whose inspect.py would
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadow the standard library's inspect module
+
+import argparse
+import os
+import socket
+import time
+
+import torch  # noqa: E402
+
+from data_tools import packing  # noqa: E402
+from data_tools.encode import Encoder, default_device, latent_geometry, read_config  # noqa: E402
+from data_tools.inputs import InputError, fingerprint, read_inputs  # noqa: E402
+from data_tools.progress import Progress  # noqa: E402
+from data_tools.video import Bucket, parse_buckets  # noqa: E402
+from trainer.distributed import share_cpu_threads  # noqa: E402
+from trainer.errors import EXIT_USER_ERROR, UserError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", type=Path, required=True, help="dataset directory, or a .csv/.jsonl manifest")
+    p.add_argument("--model", type=Path, required=True, help="CogVideoX model directory (its vae/ and text_encoder/)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the shards and manifest.json")
+    p.add_argument("--frames", type=int, default=49, help="frames per clip, 4k+1 (default 49)")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=720)
+    p.add_argument("--buckets", help="several FRAMESxHEIGHTxWIDTH targets, e.g. 49x480x720,49x480x480,25x480x720; "
+                                     "each clip goes to the one closest in aspect ratio that it is long enough for "
+                                     "(replaces --frames/--height/--width)")
+    p.add_argument("--fps", type=float, default=8.0, help="sample frames at this rate (default 8, CogVideoX's)")
+    p.add_argument("--evenly", action="store_true", help="spread the frames evenly over each whole clip instead")
+    p.add_argument("--shard-size", type=int, default=64, help="videos per shard (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seeds each sample's VAE posterior draw")
+    p.add_argument("--dtype", choices=sorted(packing.STORE_DTYPES), default="bf16", help="stored tensor dtype")
+    p.add_argument("--no-vae-tiling", dest="vae_tiling", action="store_false",
+                   help="encode whole frames at once (more memory; tiling only applies above the VAE's tile size)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--decode-workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding threads")
+    p.add_argument("--rank", type=int, help="this process's rank (default: RANK or SLURM_PROCID, else 0)")
+    p.add_argument("--world-size", type=int, help="number of ranks (default: WORLD_SIZE or SLURM_NTASKS, else 1)")
+    p.add_argument("--strict", action="store_true", help="exit non-zero if any input was rejected")
+    p.add_argument("--video-column", default="video", help="manifest column with the video path")
+    p.add_argument("--caption-column", default="caption", help="manifest column with the caption")
+    args = p.parse_args(argv)
+    try:
+        args.bucket_list = parse_buckets(args.buckets or f"{args.frames}x{args.height}x{args.width}")
+    except ValueError as exc:
+        p.error(f"--buckets: {exc}" if args.buckets else f"--frames/--height/--width: {exc}")
+    for name in ("shard_size", "decode_workers"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.evenly and args.fps <= 0:
+        p.error("--fps must be positive (or use --evenly)")
+    return args
+
+
+def rank_and_world(args: argparse.Namespace) -> tuple[int, int, int]:
+    """(rank, world size, local rank): flags first, then torchrun's variables, then SLURM's."""
+    env = os.environ
+    rank = args.rank if args.rank is not None else int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+    world = args.world_size if args.world_size is not None else int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+    local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"--rank {rank} / --world-size {world}: the rank must be in [0, world size)")
+    return rank, world, local
+
+
+def check_model(model_dir: Path, buckets: list[Bucket]) -> None:
+    for part in ("vae", "text_encoder", "tokenizer", "transformer"):
+        if not (model_dir / part).is_dir():
+            raise UserError(f"--model {model_dir}: not a CogVideoX model directory (no {part}/)")
+    _, temporal, spatial = latent_geometry(model_dir)
+    multiple = spatial * read_config(model_dir, "transformer").get("patch_size", 2)
+    for b in buckets:
+        if (b.frames - 1) % temporal:
+            raise UserError(f"bucket {b}: {b.frames} frames; this VAE needs {temporal}k+1 (e.g. 49)")
+        if b.height % multiple or b.width % multiple:
+            raise UserError(f"bucket {b}: height and width must be multiples of {multiple} "
+                            f"(VAE downsampling x transformer patch size)")
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        share_cpu_threads()  # several ranks on one machine: split the cores instead of oversubscribing them
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible")
+    torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    return default_device()
+
+
+def pack(args: argparse.Namespace) -> int:
+    rank, world, local_rank = rank_and_world(args)
+    check_model(args.model, args.bucket_list)
+    layout, entries = read_inputs(args.input, args.video_column, args.caption_column)
+    options = packing.PackOptions(buckets=tuple(map(str, args.bucket_list)), fps=None if args.evenly else args.fps,
+                                  shard_size=args.shard_size, seed=args.seed, dtype=args.dtype,
+                                  vae_tiling=args.vae_tiling)
+    identity = packing.identity_of(options, layout, args.input.resolve(), fingerprint(entries), len(entries),
+                                   args.model.resolve())
+    out, tag = args.out, f"{socket.gethostname()}-{os.getpid()}"
+    packing.claim(out, identity, tag)
+    (out / "progress").mkdir(exist_ok=True)
+    all_chunks = packing.chunks(entries, args.shard_size)
+    mine = [j for j in range(len(all_chunks)) if j % world == rank]
+    todo = [j for j in mine if not packing.finished(out, j)]
+    say = (lambda msg: print(f"[rank {rank}] {msg}", flush=True)) if world > 1 else (lambda msg: print(msg, flush=True))
+    say(f"{args.input} ({layout}): {len(entries)} inputs in {len(all_chunks)} shards; this rank packs "
+        f"{len(mine)}, of which {len(mine) - len(todo)} are already finished")
+    if todo or not (out / packing.EMPTY_PROMPT).exists():
+        device = pick_device(args.device, local_rank)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPUs have no fast bf16 convolutions
+        encoder = Encoder(args.model, device, dtype, args.vae_tiling)
+        packing.write_empty_prompt(out, encoder, packing.STORE_DTYPES[args.dtype], tag)
+        start = time.perf_counter()
+        with Progress(sum(len(all_chunks[j]) for j in todo), enabled=rank == 0, say=say) as progress:
+            for j in todo:
+                for stale in out.glob(f".{packing.shard_name(j)}.partial-*"):  # left by a crashed run
+                    stale.unlink()
+                rec = packing.pack_chunk(j, all_chunks[j], encoder, options, out, tag, args.decode_workers,
+                                         progress.advance)
+                progress.note(f"{rec['shard'] or f'chunk {j} (no shard)'}: {len(rec['samples'])} samples, "
+                              f"{len(rec['rejected'])} rejected")
+        done = sum(len(all_chunks[j]) for j in todo)
+        say(f"packed {done} inputs in {time.perf_counter() - start:.1f} s")
+    manifest = packing.finalize(out, len(all_chunks), identity, args.model.resolve(), tag)
+    if manifest is None:
+        say("done; other ranks are still packing: the last rank to finish writes manifest.json")
+        own = sum(len(packing.read_record(out, j)["rejected"]) for j in mine)
+        return 1 if args.strict and own else 0
+    summary = ", ".join(f"{k}: {v['samples']}" for k, v in manifest["buckets"].items()) or "none"
+    say(f"manifest.json: {manifest['samples']} samples in {len(manifest['shards'])} shards (per bucket: {summary}); "
+        f"{manifest['rejected_total']} of {manifest['inputs']} inputs rejected" +
+        (f" ({', '.join(f'{k}: {v}' for k, v in manifest['rejected'].items())})" if manifest["rejected"] else ""))
+    if manifest["rejected_total"]:
+        say(f"rejected inputs and reasons: {out / 'rejected.jsonl'}")
+    if manifest["samples"] == 0:
+        print(f"error: nothing could be packed from {args.input}; see {out / 'rejected.jsonl'}", file=sys.stderr)
+        return 1
+    return 1 if args.strict and manifest["rejected_total"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return pack(args)
+    except (UserError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
