@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default, end to end: set up .venv, write a tiny random-weight CogVideoX (5B-style, 3D RoPE)
-# and synthetic training shards, train a LoRA with DeepSpeed on 2 ranks (CPU when there is no GPU; one rank
+# and eight synthetic mp4 videos with captions, pack them into training shards with data_tools/shard.py
+# (the model's own VAE and T5), train a LoRA with DeepSpeed on 2 ranks (CPU when there is no GPU; one rank
 # per GPU otherwise), and export it as a diffusers LoRA file. Extra arguments go to launch/train.py:
 #   bash launch/quickstart.sh --set train.max_steps=20
 set -euo pipefail
@@ -19,14 +20,18 @@ else
 fi
 rm -rf "$OUT"  # the quickstart owns this folder: start clean every time
 "$PY" data_tools/tiny_model.py --out "$OUT/model" --flavour 5b
-"$PY" data_tools/synth.py --model "$OUT/model" --out "$OUT/shards" --samples 8 --samples-per-shard 1
+"$PY" data_tools/synth_videos.py --out "$OUT/videos" --count 8  # 12 frames, 120x160, 8 fps
+"$PY" data_tools/shard.py --input "$OUT/videos" --model "$OUT/model" --out "$OUT/shards" \
+  --frames 9 --height 96 --width 128 --shard-size 1
+"$PY" data_tools/inspect.py "$OUT/shards"
 "$VENV/bin/deepspeed" --num_gpus "$RANKS" launch/train.py --spec examples/tiny.yaml "$@"
 
 cat <<DONE
 
 quickstart finished ($RANKS ranks):
   model directory   $OUT/model            (tiny, random weights, loads with CogVideoXPipeline.from_pretrained)
-  training shards   $OUT/shards
+  videos            $OUT/videos           (mp4 + prompts.txt + videos.txt, the CogVideo finetune layout)
+  training shards   $OUT/shards           (manifest.json, rejected.jsonl, shard-*.tar)
   run directory     $OUT/run              (spec.yaml, metrics.jsonl, tensorboard/, checkpoints/)
   LoRA              $OUT/run/lora/pytorch_lora_weights.safetensors
   TensorBoard       $VENV/bin/tensorboard --logdir $OUT/run/tensorboard

@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_tools.synth import write_synthetic_shards  # noqa: E402
+from data_tools.synth_videos import write_synthetic_videos  # noqa: E402
 from data_tools.tiny_model import write_tiny_model  # noqa: E402
 
 
@@ -35,4 +36,12 @@ def shards_5b(tiny_5b, tmp_path_factory) -> Path:
 def shards_2b(tiny_2b, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "tiny-2b"
     write_synthetic_shards(tiny_2b, out, samples=4, samples_per_shard=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def videos(tmp_path_factory) -> Path:
+    """Six real mp4 files (12 frames, 120x160, 8 fps) in the CogVideo finetune layout."""
+    out = tmp_path_factory.mktemp("videos") / "cogvideo"
+    write_synthetic_videos(out, count=6)
     return out

@@ -1,0 +1,265 @@
+"""data_tools/shard.py: what it packs equals the encoders' own output; layouts, bad inputs, ranks, crashes."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKLCogVideoX
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, T5EncoderModel
+
+from data_tools import shard
+from data_tools.inspect import inspect_dataset
+from data_tools.synth import caption
+from data_tools.synth_videos import write_mp4, frames_for, write_synthetic_videos
+from data_tools.video import Bucket, decode_clip
+from helpers import REPO, free_port
+from trainer.data import shard_samples
+from trainer.rng import VAE_NOISE, derive_seed
+
+GEOMETRY = ["--frames", "9", "--height", "96", "--width", "128"]
+
+
+def pack(videos: Path, model: Path, out: Path, *extra: str) -> int:
+    return shard.main(["--input", str(videos), "--model", str(model), "--out", str(out), *GEOMETRY, *extra])
+
+
+def read_all(out: Path) -> dict[str, object]:
+    return {s.key: s for tar in sorted(out.glob("*.tar")) for s in shard_samples(str(tar))}
+
+
+def digests(out: Path) -> dict[str, str]:
+    names = [*sorted(p.name for p in out.glob("*.tar")), "manifest.json", "rejected.jsonl", "empty_prompt.safetensors"]
+    return {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in names}
+
+
+@pytest.fixture(scope="module")
+def packed(videos, tiny_5b, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("packed") / "shards"
+    assert pack(videos, tiny_5b, out, "--shard-size", "4") == 0
+    return out
+
+
+@torch.no_grad()
+def test_packed_sample_equals_the_encoders_on_the_same_frames(packed, videos, tiny_5b):
+    samples = read_all(packed)
+    assert sorted(samples) == [f"{i:09d}" for i in range(6)]
+    sample = samples["000000004"]
+    assert sample.meta["caption"] == caption(4) and sample.meta["source"] == "videos/00004.mp4"
+    assert (sample.meta["num_frames"], sample.meta["height"], sample.meta["width"], sample.meta["fps"]) == (9, 96, 128, 8)
+
+    frames = decode_clip(videos / "videos" / "00004.mp4", [Bucket(9, 96, 128)], 8.0).frames  # same decode
+    vae = AutoencoderKLCogVideoX.from_pretrained(tiny_5b / "vae").eval()
+    posterior = vae.encode(frames.permute(1, 0, 2, 3).unsqueeze(0)).latent_dist
+    noise = torch.Generator().manual_seed(derive_seed(0, VAE_NOISE, 4))  # same noise seed
+    expected = (posterior.sample(generator=noise) * vae.config.scaling_factor)[0].to(torch.bfloat16)
+    assert sample.latents.dtype == torch.bfloat16 and torch.equal(sample.latents, expected)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_5b / "tokenizer")
+    encoder = T5EncoderModel.from_pretrained(tiny_5b / "text_encoder").eval()
+
+    def t5(text: str) -> torch.Tensor:
+        ids = tokenizer([text], padding="max_length", max_length=226, truncation=True, return_tensors="pt").input_ids
+        return encoder(ids)[0][0].to(torch.bfloat16)
+
+    assert torch.equal(sample.prompt_embeds, t5(caption(4)))
+    assert torch.equal(load_file(packed / "empty_prompt.safetensors")["prompt_embeds"], t5(""))
+    # different samples really differ (different videos, different noise)
+    assert not torch.equal(samples["000000000"].latents, sample.latents)
+
+    manifest = json.loads((packed / "manifest.json").read_text())
+    assert manifest["samples"] == 6 and manifest["rejected_total"] == 0 and manifest["dtype"] == "bfloat16"
+    assert manifest["buckets"] == {"9x96x128": {"frames": 9, "height": 96, "width": 128, "latents": [4, 3, 12, 16],
+                                                "samples": 6}}
+    assert manifest["prompt_embeds"] == [226, 32]
+    assert [s["file"] for s in manifest["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
+    assert manifest["model"]["vae"]["scaling_factor"] == 0.7 and manifest["options"]["fps"] == 8.0
+
+
+def test_all_three_layouts_pack_the_same_samples(packed, videos, tiny_5b, tmp_path):
+    captions = (videos / "prompts.txt").read_text().splitlines()
+    paths = (videos / "videos.txt").read_text().splitlines()
+    elsewhere = tmp_path / "lists"
+    elsewhere.mkdir()
+    with (elsewhere / "data.csv").open("w", newline="") as f:  # paths relative to the manifest
+        writer = csv.writer(f)
+        writer.writerow(["caption", "video"])
+        writer.writerows([c, f"../{videos.name}/{p}"] for c, p in zip(captions, paths))
+    shutil.copytree(videos, tmp_path / videos.name)
+    (elsewhere / "data.jsonl").write_text("".join(json.dumps({"video": f"../{videos.name}/{p}", "caption": c}) + "\n"
+                                                  for c, p in zip(captions, paths)))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for c, p in zip(captions, paths):
+        shutil.copy(videos / p, flat / Path(p).name)
+        (flat / Path(p).name).with_suffix(".txt").write_text(c + "\n")
+
+    reference = read_all(packed)
+    for source in (elsewhere / "data.csv", elsewhere / "data.jsonl", flat):
+        out = tmp_path / f"out-{source.name}"
+        assert pack(source, tiny_5b, out, "--shard-size", "4") == 0
+        got = read_all(out)
+        assert sorted(got) == sorted(reference), source
+        for key, sample in got.items():
+            assert torch.equal(sample.latents, reference[key].latents), (source, key)
+            assert sample.meta["caption"] == reference[key].meta["caption"]
+
+
+def test_bad_inputs_are_listed_with_their_reason_and_the_rest_is_packed(videos, tiny_5b, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(videos / "videos", data / "videos")
+    (data / "videos" / "garbage.mp4").write_bytes(b"\x00not a video" * 100)
+    write_mp4(data / "videos" / "short.mp4", frames_for(0, 3, 120, 160), fps=8)  # 3 frames: 9 are needed
+    rows = [["videos/00000.mp4", "a red ball moving left"],
+            ["videos/missing.mp4", "a video that is not there"],
+            ["videos/garbage.mp4", "random bytes"],
+            ["videos/short.mp4", "three frames"],
+            ["videos/00001.mp4", "   "],
+            ["videos/00002.mp4"],  # a row without its caption column
+            ["videos/00003.mp4", "a yellow ball moving down"]]
+    with (data / "rows.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["video", "caption"], *rows])
+    out = tmp_path / "out"
+    assert pack(data / "rows.csv", tiny_5b, out, "--shard-size", "3") == 0
+    rejected = {r["source"]: r for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
+    assert {s: r["reason"] for s, r in rejected.items()} == {
+        "videos/missing.mp4": "missing_video", "videos/garbage.mp4": "unreadable_video",
+        "videos/short.mp4": "too_short", "videos/00001.mp4": "empty_caption", "videos/00002.mp4": "missing_column"}
+    assert "rows.csv row 7" in rejected["videos/00002.mp4"]["detail"]
+    assert "3 frames" in rejected["videos/short.mp4"]["detail"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == 2 and manifest["inputs"] == 7 and manifest["rejected_total"] == 5
+    assert manifest["rejected"] == {"empty_caption": 1, "missing_column": 1, "missing_video": 1, "too_short": 1,
+                                    "unreadable_video": 1}
+    assert sorted(read_all(out)) == ["000000000", "000000006"]
+    assert "5 of 7 inputs rejected" in capsys.readouterr().out
+
+    # a JSONL row without a column, and --strict: everything packable is still packed, but the exit says no
+    (data / "rows.jsonl").write_text('{"video": "videos/00000.mp4", "caption": "ok"}\n{"video": "videos/00001.mp4"}\n')
+    assert pack(data / "rows.jsonl", tiny_5b, tmp_path / "strict", "--strict") == 1
+    assert json.loads((tmp_path / "strict" / "manifest.json").read_text())["rejected"] == {"missing_column": 1}
+    # nothing packable at all is an error
+    (data / "none.jsonl").write_text('{"video": "videos/missing.mp4", "caption": "gone"}\n')
+    assert pack(data / "none.jsonl", tiny_5b, tmp_path / "none") == 1
+    assert "nothing could be packed" in capsys.readouterr().err
+
+
+def test_input_and_option_mistakes_stop_before_any_work(videos, tiny_5b, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(videos, broken)
+    (broken / "prompts.txt").write_text("only one caption\n")
+    assert pack(broken, tiny_5b, tmp_path / "a") == 2
+    assert "prompts.txt has 1 lines but videos.txt has 6" in capsys.readouterr().err
+    assert shard.main(["--input", str(videos), "--model", str(tiny_5b), "--out", str(tmp_path / "b"),
+                       "--buckets", "9x96x120"]) == 2
+    assert "bucket 9x96x120: height and width must be multiples of 16" in capsys.readouterr().err
+    assert shard.main(["--input", str(videos), "--model", str(tiny_5b), "--out", str(tmp_path / "c"),
+                       "--frames", "10"]) == 2
+    assert "needs 4k+1" in capsys.readouterr().err
+    (tmp_path / "header.csv").write_text("path,text\nvideos/00000.mp4,hello\n")
+    assert pack(tmp_path / "header.csv", tiny_5b, tmp_path / "d") == 2
+    assert "the header has no column ['video', 'caption']" in capsys.readouterr().err
+    # packing into a directory packed with other options is refused, naming what changed
+    assert pack(videos, tiny_5b, tmp_path / "e", "--shard-size", "4") == 0
+    assert pack(videos, tiny_5b, tmp_path / "e", "--shard-size", "4", "--fps", "4") == 2
+    assert "options.fps: 8.0 -> 4.0" in capsys.readouterr().err
+
+
+def run_shard(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *launcher, "data_tools/shard.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_pack_disjoint_halves(tiny_5b, tmp_path):
+    data = tmp_path / "data"
+    write_synthetic_videos(data, count=8)
+    out = tmp_path / "out"
+    proc = run_shard("--input", str(data), "--model", str(tiny_5b), "--out", str(out), *GEOMETRY, "--shard-size", "2",
+                     launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               str(free_port())))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"[rank {rank}] {data} (cogvideo (prompts.txt + videos.txt)): 8 inputs in 4 shards; this rank packs 2" \
+               in proc.stdout
+    by_shard = {tar.name: [s.meta["source"] for s in shard_samples(str(tar))] for tar in sorted(out.glob("*.tar"))}
+    # chunk j went to rank j % 2: rank 0 packed shards 0 and 2, rank 1 shards 1 and 3
+    rank0 = by_shard["shard-000000.tar"] + by_shard["shard-000002.tar"]
+    rank1 = by_shard["shard-000001.tar"] + by_shard["shard-000003.tar"]
+    assert not set(rank0) & set(rank1)
+    assert sorted(rank0 + rank1) == sorted((data / "videos.txt").read_text().split())
+    assert json.loads((out / "manifest.json").read_text())["samples"] == 8
+
+
+@pytest.mark.slow
+def test_a_killed_pack_reruns_to_the_same_dataset(tiny_5b, tmp_path):
+    data = tmp_path / "data"
+    write_synthetic_videos(data, count=12)
+    (data / "prompts.txt").write_text((data / "prompts.txt").read_text().replace(caption(5), ""))  # one rejection
+    args = ("--input", str(data), "--model", str(tiny_5b), *GEOMETRY, "--shard-size", "2")
+    whole = run_shard(*args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen([sys.executable, "data_tools/shard.py", *args, "--out", str(crashed)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:  # kill it as soon as its second shard is reported: mid-way through the third
+        if line.startswith("shard-000001.tar"):
+            proc.kill()
+            break
+    proc.wait()
+    assert not (crashed / "manifest.json").exists()
+    finished = sorted(p.name for p in crashed.glob("*.tar"))
+    assert "shard-000000.tar" in finished and len(finished) < 6
+
+    rerun = run_shard(*args, "--out", str(crashed))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"this rank packs 6, of which {len(finished)} are already finished" in rerun.stdout
+    assert digests(crashed) == digests(tmp_path / "whole")  # byte for byte the uninterrupted dataset
+    assert not list(crashed.glob(".*partial*"))
+
+
+def test_inspect_passes_good_shards_and_names_bad_ones(packed, tmp_path):
+    ok = subprocess.run([sys.executable, "data_tools/inspect.py", str(packed)], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "9x96x128" in ok.stdout and "4x3x12x16" in ok.stdout and "all samples check out" in ok.stdout
+
+    bad = tmp_path / "bad"
+    shutil.copytree(packed, bad)
+    import webdataset as wds
+
+    from trainer.shard_format import encode_sample
+    samples = list(shard_samples(str(bad / "shard-000000.tar")))
+    with wds.TarWriter(str(bad / "shard-000000.tar"), encoder=False) as sink:
+        for s in samples:
+            latents = s.latents.clone()
+            if s.key == "000000002":
+                latents[0, 0, 0, 0] = float("nan")
+            sink.write(encode_sample(s.key, latents, s.prompt_embeds, s.meta))
+    raw = (bad / "shard-000001.tar").read_bytes()
+    (bad / "shard-000001.tar").write_bytes(raw[: len(raw) // 2])  # truncated mid-way
+    _, report = inspect_dataset(bad)
+    assert any("shard-000000.tar, sample '000000002': latents holds NaN or inf" in p for p in report.problems)
+    assert any("shard-000001.tar" in p and "cannot be read" in p for p in report.problems)
+    proc = subprocess.run([sys.executable, "data_tools/inspect.py", str(bad)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "sample '000000002'" in proc.stderr and "shard-000001.tar" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["shard.py", "inspect.py", "synth_videos.py", "synth.py", "tiny_model.py"])
+def test_data_tools_run_as_scripts(script):
+    """`python data_tools/X.py` puts data_tools/ on sys.path, where inspect.py would shadow the standard library
+    module torch and PyAV import (it crashed `import av`); every script must take itself off the path first."""
+    proc = subprocess.run([sys.executable, f"data_tools/{script}", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout
