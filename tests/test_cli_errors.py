@@ -9,6 +9,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from data_tools import shard
 from helpers import META, run_train, write_spec
 from trainer.shard_format import encode_sample
 
@@ -69,6 +70,15 @@ def test_shards_whose_shapes_do_not_fit_the_model(tmp_path, good_spec):
         sink.write(encode_sample("clip-17", torch.zeros(16, 3, 12, 16), torch.zeros(226, 4096), META))
     fails_with(tmp_path, {**good_spec, "data": {"shards": str(shard.parent)}},
                f"shard {shard}, sample 'clip-17': latents have 16 channels", "in_channels=4")
+
+
+def test_shards_packed_for_another_models_vae(tmp_path, good_spec, videos, tiny_2b):
+    """Same shapes, wrong scale: 2B-style latents (scaling_factor 1.15) for a 5B-style model (0.7)."""
+    out = tmp_path / "packed-for-2b"
+    assert shard.main(["--input", str(videos), "--model", str(tiny_2b), "--out", str(out), "--frames", "9",
+                       "--height", "96", "--width", "128", "--shard-size", "3"]) == 0
+    fails_with(tmp_path, {**good_spec, "data": {"shards": str(out), "num_workers": 0}},
+               f"data.shards: {out} was packed with a VAE scaling_factor of 1.15258426", "model.path's VAE has 0.7")
 
 
 def test_deepspeed_config_contradicting_the_spec(tmp_path, good_spec):

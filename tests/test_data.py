@@ -127,10 +127,10 @@ def test_a_bad_sample_in_a_worker_arrives_as_itself(tmp_path, shapes):
 def test_startup_check_names_the_shard_and_key(tmp_path, shapes):
     paths = write_shards(tmp_path, [[(16, 3, 12, 16)]])
     with pytest.raises(ShardError, match=r"part-000.tar, sample 's0000': latents have 16 channels"):
-        check_shards_fit(paths, shapes)
+        check_shards_fit(paths, shapes, tmp_path)
     (tmp_path / "junk.tar").write_bytes(b"not a tar file at all" * 30)
     with pytest.raises(UserError, match="junk.tar"):
-        check_shards_fit([str(tmp_path / "junk.tar")], shapes)
+        check_shards_fit([str(tmp_path / "junk.tar")], shapes, tmp_path)
 
 
 def test_decode_rejects_missing_members_and_non_safetensors():

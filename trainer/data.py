@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import glob
 import itertools
+import json
+import math
 import random
 import tarfile
 from collections import defaultdict
@@ -85,8 +87,27 @@ def first_sample(shard: str) -> Sample:
     return sample
 
 
-def check_shards_fit(shards: list[str], shapes: ModelShapes) -> None:
+def check_shards_fit(shards: list[str], shapes: ModelShapes, model_dir: Path) -> None:
     shapes.check(first_sample(shards[0]))
+    check_latent_scale(shards, model_dir)
+
+
+def check_latent_scale(shards: list[str], model_dir: Path) -> None:
+    """Latents packed for another model's VAE can have the right shape and the wrong scale (CogVideoX-2B's
+    scaling_factor is 1.15, 5B's 0.7): refuse shards whose manifest.json names a different scaling_factor."""
+    vae_config = model_dir / "vae" / "config.json"
+    if not vae_config.is_file():
+        return
+    ours = json.loads(vae_config.read_text()).get("scaling_factor")
+    for folder in dict.fromkeys(Path(s).parent for s in shards):
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
+            continue
+        theirs = json.loads(manifest.read_text()).get("model", {}).get("vae", {}).get("scaling_factor")
+        if None not in (ours, theirs) and not math.isclose(ours, theirs, rel_tol=1e-6):
+            raise UserError(f"data.shards: {folder} was packed with a VAE scaling_factor of {theirs} "
+                            f"({manifest}), but model.path's VAE has {ours}: these latents are for another model. "
+                            f"Repack them with data_tools/shard.py --model {model_dir}")
 
 
 def _buffer_shuffle(samples: Iterator[Sample], size: int, rng: random.Random) -> Iterator[Sample]:

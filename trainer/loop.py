@@ -49,7 +49,7 @@ def preflight(spec: RunSpec) -> Plan:
     shards = resolve_shards(spec.data.shards)
     world_size = env_world_size()
     num_workers = loader_workers(len(shards), world_size, spec.data.num_workers)
-    check_shards_fit(shards, shapes)
+    check_shards_fit(shards, shapes, model_dir)
     ds_config = assemble_config(spec, world_size)
     earlier = [p.name for p in (spec.run.dir / "metrics.jsonl", spec.run.dir / "lora") if p.exists()]
     earlier += ["checkpoints"] if any((spec.run.dir / "checkpoints").glob("step_*")) else []

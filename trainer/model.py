@@ -37,7 +37,8 @@ def resolve_model_dir(path: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        fetched = snapshot_download(path, allow_patterns=["model_index.json", "transformer/*", "scheduler/*"])
+        fetched = snapshot_download(path, allow_patterns=["model_index.json", "transformer/*", "scheduler/*",
+                                                         "vae/config.json"])  # to check shards' latent scale
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
         raise UserError(f"model.path: {path!r} is not a local directory and could not be fetched from the hub ({exc})")
     return resolve_model_dir(fetched)
