@@ -173,6 +173,20 @@ def test_input_and_option_mistakes_stop_before_any_work(videos, tiny_5b, tmp_pat
     assert "options.fps: 8.0 -> 4.0" in capsys.readouterr().err
 
 
+def test_ranks_given_by_flags_pack_their_own_shards_into_the_same_dataset(packed, videos, tiny_5b, tmp_path, capsys):
+    """--rank/--world-size (separate jobs, any order): each packs its chunks, the last one writes the manifest,
+    and the result is byte for byte the single-process pack."""
+    out = tmp_path / "out"
+    assert pack(videos, tiny_5b, out, "--shard-size", "4", "--rank", "1", "--world-size", "2") == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000001.tar"]
+    assert not (out / "manifest.json").exists()
+    assert "other ranks are still packing" in capsys.readouterr().out
+    assert pack(videos, tiny_5b, out, "--shard-size", "4", "--rank", "0", "--world-size", "2") == 0
+    assert digests(out) == digests(packed)
+    assert pack(videos, tiny_5b, out, "--shard-size", "4", "--rank", "2", "--world-size", "2") == 2
+    assert "--rank 2 / --world-size 2" in capsys.readouterr().err
+
+
 def run_shard(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *launcher, "data_tools/shard.py", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
