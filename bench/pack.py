@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-workers", type=int, default=4)
     args = p.parse_args(argv)
 
-    work = Path(tempfile.mkdtemp(prefix="bench-pack-"))
+    with tempfile.TemporaryDirectory(prefix="bench-pack-") as tmp:
+        return bench(args, Path(tmp))
+
+
+def bench(args: argparse.Namespace, work: Path) -> int:
     model = args.model or write_tiny_model(work / "model", "5b")
     src_frames = (args.frames - 1) + args.fps // 2 + 1  # a little longer than the clip needs
     write_synthetic_videos(work / "videos", args.clips, src_frames, args.src_height, args.src_width, args.fps)
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     n = len(entries)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"model {model} on {device.type} ({name}), {dtype}; {n} clips of {bucket} from {args.src_height}x"
+    print(f"model {args.model or "tiny 5B-style (random weights)"} on {device.type} ({name}), {dtype}; {n} clips of {bucket} from {args.src_height}x"
           f"{args.src_width} sources at {args.fps} fps; model load {load_s:.1f} s")
     print(f"pack    {pack_s:8.2f} s  {n / pack_s:7.2f} clips/s   (decode + encode + tar + fsync)")
     print(f"bare    {bare_s:8.2f} s  {n / bare_s:7.2f} clips/s   (VAE + T5 only, clips in memory)")

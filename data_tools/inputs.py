@@ -48,7 +48,7 @@ def _entry(index: int, base: Path, source: str | None, caption: str | None, wher
 
 
 def _lines(path: Path) -> list[str]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: drop the BOM some editors write
     while lines and not lines[-1].strip():  # a trailing blank line is not an entry
         lines.pop()
     return lines
@@ -66,14 +66,14 @@ def read_manifest(path: Path, video_column: str, caption_column: str) -> list[En
     base = path.parent
     entries = []
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # Excel's CSV export starts with a BOM
             reader = csv.DictReader(f)
             missing = [c for c in (video_column, caption_column) if c not in (reader.fieldnames or [])]
             if missing:
                 raise InputError(f"{path}: the header has no column {missing} (it has {reader.fieldnames})")
             for i, row in enumerate(reader):
                 entries.append(_entry(i, base, row.get(video_column), row.get(caption_column),
-                                      f"{path.name} row {i + 2}"))
+                                      f"{path.name} line {reader.line_num}"))  # rows may span lines
         return entries
     for i, line in enumerate(_lines(path)):
         where = f"{path.name} line {i + 1}"
@@ -99,7 +99,12 @@ def read_video_dir(root: Path) -> list[Entry]:
         if not text_file.is_file():
             entries.append(Entry(i, source, video, None, "missing_caption", f"{source}: no {text_file.name} beside it"))
             continue
-        entries.append(_entry(i, root, source, text_file.read_text(encoding="utf-8"), text_file.name))
+        try:
+            text = text_file.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            entries.append(Entry(i, source, video, None, "unreadable_caption", f"{text_file}: {exc}"))
+            continue
+        entries.append(_entry(i, root, source, text, text_file.name))
     return entries
 
 

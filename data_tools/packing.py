@@ -11,6 +11,7 @@ rejected.jsonl; their content is a pure function of the records, so two ranks wr
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -138,37 +139,47 @@ def _rejection(entry: Entry, reason: str, detail: str) -> dict:
     return {"index": entry.index, "source": entry.source, "reason": reason, "detail": detail}
 
 
+def _encode(entry: Entry, clip: Clip, encoder: Encoder, options: PackOptions) -> dict:
+    """The tar members of one sample, or {"rejected": ...} when the encoders cannot give finite tensors."""
+    store = STORE_DTYPES[options.dtype]
+    try:
+        latents = encoder.video(clip.frames, options.seed, entry.index).to(store).cpu()
+        embeds = encoder.text(entry.caption).to(store).cpu()
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()  # one oversized clip must not end the pack; the next ones fit again
+        return {"rejected": _rejection(entry, "out_of_memory", f"{entry.source}: encoding {clip.bucket} ran out of "
+                                       f"memory (keep VAE tiling on, or use a smaller bucket)")}
+    if not (torch.isfinite(latents).all() and torch.isfinite(embeds).all()):
+        return {"rejected": _rejection(entry, "non_finite", f"{entry.source}: the encoders returned NaN/inf")}
+    meta = {"caption": entry.caption, "source": entry.source, "fps": clip.fps, "num_frames": clip.bucket.frames,
+            "height": clip.bucket.height, "width": clip.bucket.width, "source_size": list(clip.source_size),
+            "index": entry.index}
+    return encode_sample(f"{entry.index:09d}", latents, embeds, meta) | {
+        "record": {"key": f"{entry.index:09d}", "bucket": str(clip.bucket), "latents": list(latents.shape),
+                   "prompt_embeds": list(embeds.shape)}}
+
+
 def pack_chunk(chunk: int, entries: list[Entry], encoder: Encoder, options: PackOptions, out: Path, tag: str,
                decode_workers: int, on_entry: Callable[[], None]) -> dict:
     """Pack one chunk into its shard and write its record; returns the record."""
-    store = STORE_DTYPES[options.dtype]
     samples, rejected = [], []
     tmp = out / f".{shard_name(chunk)}.partial-{tag}"
     with open(tmp, "wb") as f:
-        sink = wds.TarWriter(f, encoder=False, mtime=0.0)  # fixed mtime: the same input gives the same bytes
-        for entry, clip in decoded(entries, options.bucket_list(), options.fps, decode_workers):
-            on_entry()
-            if entry.reason:
-                rejected.append(_rejection(entry, entry.reason, entry.detail))
-                continue
-            if isinstance(clip, VideoError):
-                rejected.append(_rejection(entry, clip.reason, clip.detail))
-                continue
-            latents = encoder.video(clip.frames, options.seed, entry.index).to(store).cpu()
-            embeds = encoder.text(entry.caption).to(store).cpu()
-            if not (torch.isfinite(latents).all() and torch.isfinite(embeds).all()):
-                rejected.append(_rejection(entry, "non_finite", f"{entry.source}: the encoders returned NaN/inf"))
-                continue
-            key = f"{entry.index:09d}"
-            meta = {"caption": entry.caption, "source": entry.source, "fps": clip.fps,
-                    "num_frames": clip.bucket.frames, "height": clip.bucket.height, "width": clip.bucket.width,
-                    "source_size": list(clip.source_size), "index": entry.index}
-            sink.write(encode_sample(key, latents, embeds, meta))
-            samples.append({"key": key, "bucket": str(clip.bucket), "latents": list(latents.shape),
-                            "prompt_embeds": list(embeds.shape)})
-        sink.close()
+        # fixed mtime: the same input gives the same bytes
+        with contextlib.closing(wds.TarWriter(f, encoder=False, mtime=0.0)) as sink:
+            for entry, clip in decoded(entries, options.bucket_list(), options.fps, decode_workers):
+                on_entry()
+                if entry.reason or isinstance(clip, VideoError):
+                    rejected.append(_rejection(entry, entry.reason or clip.reason, entry.detail or clip.detail))
+                    continue
+                sample = _encode(entry, clip, encoder, options)
+                if "rejected" in sample:
+                    rejected.append(sample["rejected"])
+                    continue
+                samples.append(sample.pop("record"))
+                sink.write(sample)
         f.flush()
-        os.fsync(f.fileno())
+        os.fsync(f.fileno())  # on disk before the rename makes it visible
     if samples:
         os.replace(tmp, out / shard_name(chunk))
     else:
@@ -193,6 +204,8 @@ def finalize(out: Path, num_chunks: int, identity: dict, model_dir: Path, tag: s
     """manifest.json and rejected.jsonl once every chunk is finished (None while some are not)."""
     if not all(finished(out, j) for j in range(num_chunks)):
         return None
+    for stale in [*out.glob(".shard-*.partial-*"), *(out / "progress").glob(".chunk-*.partial-*")]:
+        stale.unlink(missing_ok=True)  # left by crashed runs: every chunk is finished, so no writer owns them
     records = [read_record(out, j) for j in range(num_chunks)]
     rejected = [r for rec in records for r in rec["rejected"]]
     atomic_write(out / "rejected.jsonl", b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rejected),
@@ -225,9 +238,9 @@ def finalize(out: Path, num_chunks: int, identity: dict, model_dir: Path, tag: s
 
 
 def identity_of(options: PackOptions, layout: str, input_path: Path, fingerprint: str, entries: int,
-                model_dir: Path) -> dict:
+                model_dir: Path, compute: str) -> dict:
     vae, text = read_config(model_dir, "vae"), read_config(model_dir, "text_encoder")
-    return json.loads(json.dumps({"format": FORMAT, "options": asdict(options),
+    return json.loads(json.dumps({"format": FORMAT, "options": asdict(options), "compute": compute,
             "input": {"path": str(input_path), "layout": layout, "entries": entries, "fingerprint": fingerprint},
             "model": {"vae_scaling_factor": vae.get("scaling_factor"), "latent_channels": vae["latent_channels"],
                       "text_hidden_size": text.get("d_model")}}))  # as it reads back from pack.json

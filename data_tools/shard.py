@@ -23,6 +23,7 @@ import argparse
 import os
 import socket
 import time
+import uuid
 
 import torch  # noqa: E402
 
@@ -55,8 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="encode whole frames at once (more memory; tiling only applies above the VAE's tile size)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--decode-workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding threads")
-    p.add_argument("--rank", type=int, help="this process's rank (default: RANK or SLURM_PROCID, else 0)")
-    p.add_argument("--world-size", type=int, help="number of ranks (default: WORLD_SIZE or SLURM_NTASKS, else 1)")
+    p.add_argument("--rank", type=int, help="this process's rank (default: RANK from torchrun, else 0)")
+    p.add_argument("--world-size", type=int, help="number of ranks (default: WORLD_SIZE from torchrun, else 1)")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any input was rejected")
     p.add_argument("--video-column", default="video", help="manifest column with the video path")
     p.add_argument("--caption-column", default="caption", help="manifest column with the caption")
@@ -74,13 +75,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def rank_and_world(args: argparse.Namespace) -> tuple[int, int, int]:
-    """(rank, world size, local rank): flags first, then torchrun's variables, then SLURM's."""
+    """(rank, world size, local rank): the flags, else torchrun's variables, else a single process.
+
+    SLURM's variables are not read on purpose: a plain `python shard.py` inside an sbatch script sees
+    SLURM_NTASKS of the whole allocation and would pack only its share. Under srun, pass
+    --rank $SLURM_PROCID --world-size $SLURM_NTASKS."""
     env = os.environ
-    rank = args.rank if args.rank is not None else int(env.get("RANK", env.get("SLURM_PROCID", 0)))
-    world = args.world_size if args.world_size is not None else int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
-    local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+    rank = args.rank if args.rank is not None else int(env.get("RANK", 0))
+    world = args.world_size if args.world_size is not None else int(env.get("WORLD_SIZE", 1))
     if world < 1 or not 0 <= rank < world:
         raise UserError(f"--rank {rank} / --world-size {world}: the rank must be in [0, world size)")
+    devices = max(1, torch.cuda.device_count())
+    local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", rank % devices)))  # separate jobs share a node's GPUs
     return rank, world, local
 
 
@@ -115,9 +121,12 @@ def pack(args: argparse.Namespace) -> int:
     options = packing.PackOptions(buckets=tuple(map(str, args.bucket_list)), fps=None if args.evenly else args.fps,
                                   shard_size=args.shard_size, seed=args.seed, dtype=args.dtype,
                                   vae_tiling=args.vae_tiling)
+    device = pick_device(args.device, local_rank)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPUs have no fast bf16 convolutions
+    # the compute device and dtype change the latents' bits: a rerun must not mix CPU and GPU samples
     identity = packing.identity_of(options, layout, args.input.resolve(), fingerprint(entries), len(entries),
-                                   args.model.resolve())
-    out, tag = args.out, f"{socket.gethostname()}-{os.getpid()}"
+                                   args.model.resolve(), f"{device.type}/{str(dtype).removeprefix('torch.')}")
+    out, tag = args.out, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     packing.claim(out, identity, tag)
     (out / "progress").mkdir(exist_ok=True)
     all_chunks = packing.chunks(entries, args.shard_size)
@@ -127,15 +136,11 @@ def pack(args: argparse.Namespace) -> int:
     say(f"{args.input} ({layout}): {len(entries)} inputs in {len(all_chunks)} shards; this rank packs "
         f"{len(mine)}, of which {len(mine) - len(todo)} are already finished")
     if todo or not (out / packing.EMPTY_PROMPT).exists():
-        device = pick_device(args.device, local_rank)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPUs have no fast bf16 convolutions
         encoder = Encoder(args.model, device, dtype, args.vae_tiling)
         packing.write_empty_prompt(out, encoder, packing.STORE_DTYPES[args.dtype], tag)
         start = time.perf_counter()
         with Progress(sum(len(all_chunks[j]) for j in todo), enabled=rank == 0, say=say) as progress:
             for j in todo:
-                for stale in out.glob(f".{packing.shard_name(j)}.partial-*"):  # left by a crashed run
-                    stale.unlink()
                 rec = packing.pack_chunk(j, all_chunks[j], encoder, options, out, tag, args.decode_workers,
                                          progress.advance)
                 progress.note(f"{rec['shard'] or f'chunk {j} (no shard)'}: {len(rec['samples'])} samples, "
@@ -144,9 +149,10 @@ def pack(args: argparse.Namespace) -> int:
         say(f"packed {done} inputs in {time.perf_counter() - start:.1f} s")
     manifest = packing.finalize(out, len(all_chunks), identity, args.model.resolve(), tag)
     if manifest is None:
-        say("done; other ranks are still packing: the last rank to finish writes manifest.json")
-        own = sum(len(packing.read_record(out, j)["rejected"]) for j in mine)
-        return 1 if args.strict and own else 0
+        # exit 0 even under --strict: torchrun would stop the ranks still packing. The last rank decides.
+        say("done; other ranks are still packing, and the last one to finish writes manifest.json (if every "
+            "rank has finished and there is none, rerun the same command: it only writes the manifest)")
+        return 0
     summary = ", ".join(f"{k}: {v['samples']}" for k, v in manifest["buckets"].items()) or "none"
     say(f"manifest.json: {manifest['samples']} samples in {len(manifest['shards'])} shards (per bucket: {summary}); "
         f"{manifest['rejected_total']} of {manifest['inputs']} inputs rejected" +

@@ -7,6 +7,7 @@ chosen before any pixel is decoded, and only the chosen frames are converted to 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,14 +63,17 @@ class Clip:
 @dataclass(frozen=True)
 class Probe:
     times: list[float]  # presentation times of every frame, ascending, seconds
-    height: int
+    height: int  # as displayed (after the stream's rotation)
     width: int
+    pts: tuple[int, ...] = ()  # the frames' presentation timestamps, in the order of `times`
 
     def frame_indices(self, frames: int, fps: float | None) -> list[int] | None:
         """Which frames to keep for `frames` frames at `fps` (None: evenly over the clip); None if too short."""
         n = len(self.times)
         if fps is None:
-            return [round(i * (n - 1) / (frames - 1)) for i in range(frames)] if n >= frames else None
+            if n < frames:
+                return None
+            return [round(i * (n - 1) / (frames - 1)) for i in range(frames)] if frames > 1 else [0]
         step = np.median(np.diff(self.times)) if n > 1 else 0.0
         targets = [self.times[0] + i / fps for i in range(frames)]
         if n < 1 or targets[-1] > self.times[-1] + step / 2:
@@ -83,6 +87,7 @@ class Probe:
 
 
 def probe(path: Path) -> Probe:
+    """Frame timestamps from the packets alone (no decoding); packets the decoder will drop are left out."""
     if not path.is_file():
         raise VideoError("missing_video", f"no such file: {path}")
     try:
@@ -91,13 +96,13 @@ def probe(path: Path) -> Probe:
                 raise VideoError("unreadable_video", f"{path}: no video stream")
             stream = container.streams.video[0]
             height, width = stream.codec_context.height, stream.codec_context.width
-            times = sorted(float(p.pts * p.time_base) for p in container.demux(stream)
-                           if p.pts is not None and p.size)
+            pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size and not p.is_discard)
+            times = [float(t * stream.time_base) for t in pts]
     except av.error.FFmpegError as exc:
         raise VideoError("unreadable_video", f"{path}: {exc}") from None
     if not times or not height or not width:
         raise VideoError("unreadable_video", f"{path}: no decodable frames")
-    return Probe(times, height, width)
+    return Probe(times, height, width, tuple(pts))
 
 
 def choose_bucket(p: Probe, buckets: list[Bucket], fps: float | None) -> tuple[Bucket, list[int]]:
@@ -130,26 +135,42 @@ def resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return (x.clamp(0, 255) / 127.5 - 1.0).contiguous()
 
 
+def _upright(frame: av.VideoFrame) -> np.ndarray:
+    """RGB pixels as displayed: phones store portrait video as landscape frames plus a rotation."""
+    turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise quarter turns, as np.rot90 counts them
+    image = frame.to_ndarray(format="rgb24")
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+
+
 def decode_clip(path: Path, buckets: list[Bucket], fps: float | None) -> Clip:
     p = probe(path)
-    bucket, indices = choose_bucket(p, buckets, fps)
-    wanted = set(indices)
-    kept: dict[int, np.ndarray] = {}
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            for i, frame in enumerate(container.decode(stream)):  # presentation order
-                if i in wanted:
-                    kept[i] = frame.to_ndarray(format="rgb24")
-                if i >= indices[-1]:
+            frames = container.decode(stream)  # presentation order
+            first = next(frames, None)
+            if first is None:
+                raise VideoError("unreadable_video", f"{path}: no decodable frames")
+            if round((first.rotation or 0) / 90) % 2:
+                p = Probe(p.times, p.width, p.height, p.pts)  # displayed sideways: choose the bucket for that
+            bucket, indices = choose_bucket(p, buckets, fps)
+            wanted = {p.pts[i] for i in indices}
+            kept: dict[int, torch.Tensor] = {}
+            for position, frame in enumerate(itertools.chain([first], frames)):
+                # frames are matched by timestamp, so frames the decoder drops cannot shift the selection
+                stamp = frame.pts if frame.pts is not None else p.pts[min(position, len(p.pts) - 1)]
+                if stamp in wanted:  # resize at once: a clip of 4K frames would not fit in memory
+                    image = torch.from_numpy(_upright(frame)).permute(2, 0, 1).unsqueeze(0)
+                    kept[stamp] = resize_crop(image, bucket.height, bucket.width)[0]
+                if len(kept) == len(wanted):
                     break
     except av.error.FFmpegError as exc:
         raise VideoError("unreadable_video", f"{path}: {exc}") from None
     if len(kept) < len(wanted):
         raise VideoError("unreadable_video", f"{path}: decoding stopped after {len(kept)} of {len(wanted)} "
                                              f"needed frames")
-    stacked = torch.from_numpy(np.stack([kept[i] for i in indices])).permute(0, 3, 1, 2)
     span = p.times[indices[-1]] - p.times[indices[0]]
     sampled_fps = fps if fps else ((len(indices) - 1) / span if span > 0 else 0.0)
-    return Clip(resize_crop(stacked, bucket.height, bucket.width), bucket, float(sampled_fps), (p.height, p.width))
+    clip = torch.stack([kept[p.pts[i]] for i in indices])
+    return Clip(clip, bucket, float(sampled_fps), (p.height, p.width))

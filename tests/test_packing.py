@@ -16,7 +16,7 @@ from diffusers import AutoencoderKLCogVideoX
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, T5EncoderModel
 
-from data_tools import shard
+from data_tools import packing, shard
 from data_tools.inspect import inspect_dataset
 from data_tools.synth import caption
 from data_tools.synth_videos import write_mp4, frames_for, write_synthetic_videos
@@ -89,7 +89,7 @@ def test_all_three_layouts_pack_the_same_samples(packed, videos, tiny_5b, tmp_pa
     paths = (videos / "videos.txt").read_text().splitlines()
     elsewhere = tmp_path / "lists"
     elsewhere.mkdir()
-    with (elsewhere / "data.csv").open("w", newline="") as f:  # paths relative to the manifest
+    with (elsewhere / "data.csv").open("w", newline="", encoding="utf-8-sig") as f:  # relative paths; a BOM, as Excel writes
         writer = csv.writer(f)
         writer.writerow(["caption", "video"])
         writer.writerows([c, f"../{videos.name}/{p}"] for c, p in zip(captions, paths))
@@ -133,7 +133,7 @@ def test_bad_inputs_are_listed_with_their_reason_and_the_rest_is_packed(videos, 
     assert {s: r["reason"] for s, r in rejected.items()} == {
         "videos/missing.mp4": "missing_video", "videos/garbage.mp4": "unreadable_video",
         "videos/short.mp4": "too_short", "videos/00001.mp4": "empty_caption", "videos/00002.mp4": "missing_column"}
-    assert "rows.csv row 7" in rejected["videos/00002.mp4"]["detail"]
+    assert "rows.csv line 7" in rejected["videos/00002.mp4"]["detail"]
     assert "3 frames" in rejected["videos/short.mp4"]["detail"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["samples"] == 2 and manifest["inputs"] == 7 and manifest["rejected_total"] == 5
@@ -187,6 +187,49 @@ def test_ranks_given_by_flags_pack_their_own_shards_into_the_same_dataset(packed
     assert "--rank 2 / --world-size 2" in capsys.readouterr().err
 
 
+class Crash(Exception):
+    """Stands for the process dying at an exact point."""
+
+
+def test_a_crash_between_shard_and_record_reruns_to_the_same_dataset(packed, videos, tiny_5b, tmp_path,
+                                                                       monkeypatch):
+    out = tmp_path / "out"
+    real = packing.atomic_write
+
+    def die_on_second_record(path, data, tag):
+        if path.name == "chunk-000001.json":
+            raise Crash
+        real(path, data, tag)
+
+    monkeypatch.setattr(packing, "atomic_write", die_on_second_record)
+    with pytest.raises(Crash):
+        pack(videos, tiny_5b, out, "--shard-size", "4")
+    assert (out / "shard-000001.tar").exists() and not packing.record_path(out, 1).exists()
+    monkeypatch.setattr(packing, "atomic_write", real)
+    assert pack(videos, tiny_5b, out, "--shard-size", "4") == 0
+    assert digests(out) == digests(packed)
+
+
+def test_a_crash_inside_a_shard_leaves_nothing_a_reader_sees(packed, videos, tiny_5b, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real, calls = packing.encode_sample, []
+
+    def die_on_third_sample(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Crash
+        return real(*args)
+
+    monkeypatch.setattr(packing, "encode_sample", die_on_third_sample)
+    with pytest.raises(Crash):
+        pack(videos, tiny_5b, out, "--shard-size", "4")
+    assert not list(out.glob("*.tar")) and len(list(out.glob(".shard-000000.tar.partial-*"))) == 1
+    monkeypatch.setattr(packing, "encode_sample", real)
+    assert pack(videos, tiny_5b, out, "--shard-size", "4") == 0
+    assert digests(out) == digests(packed)
+    assert not list(out.glob(".*partial*"))  # the crashed run's partial shard is cleaned up
+
+
 def run_shard(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *launcher, "data_tools/shard.py", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
@@ -204,8 +247,11 @@ def test_two_ranks_under_torchrun_pack_disjoint_halves(tiny_5b, tmp_path):
     for rank in (0, 1):
         assert f"[rank {rank}] {data} (cogvideo (prompts.txt + videos.txt)): 8 inputs in 4 shards; this rank packs 2" \
                in proc.stdout
+    for rank, shards in ((0, ("000000", "000002")), (1, ("000001", "000003"))):  # chunk j went to rank j % 2
+        written = {line.split()[2].rstrip(":") for line in proc.stdout.splitlines()
+                   if line.startswith(f"[rank {rank}] shard-")}
+        assert written == {f"shard-{j}.tar" for j in shards}, proc.stdout
     by_shard = {tar.name: [s.meta["source"] for s in shard_samples(str(tar))] for tar in sorted(out.glob("*.tar"))}
-    # chunk j went to rank j % 2: rank 0 packed shards 0 and 2, rank 1 shards 1 and 3
     rank0 = by_shard["shard-000000.tar"] + by_shard["shard-000002.tar"]
     rank1 = by_shard["shard-000001.tar"] + by_shard["shard-000003.tar"]
     assert not set(rank0) & set(rank1)

@@ -82,3 +82,50 @@ def test_unreadable_and_missing_videos_raise_with_a_reason(tmp_path):
         with pytest.raises(VideoError) as err:
             decode_clip(path, [Bucket(9, 96, 128)], 8.0)
         assert err.value.reason == reason and str(path) in err.value.detail
+
+
+def write_frames(path, images, times, rotation: int = 0):
+    """H.264 with explicit presentation times (variable frame rate, any start) and an optional display rotation."""
+    import av
+    from fractions import Fraction
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(30))
+        stream.time_base = Fraction(1, 1000)
+        stream.height, stream.width = images[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for image, t in zip(images, times):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def test_frames_are_chosen_by_timestamp_in_variable_frame_rate_video(tmp_path):
+    # 11 frames at irregular times starting at 0.5 s, each a flat grey level that identifies it
+    times = [0.5, 0.6, 0.65, 0.85, 0.95, 1.2, 1.3, 1.55, 1.75, 1.8, 2.0]
+    images = [np.full((96, 128, 3), 10 + 20 * k, dtype=np.uint8) for k in range(len(times))]
+    path = write_frames(tmp_path / "vfr.mp4", images, times)
+    got = decode_clip(path, [Bucket(5, 96, 128)], 4.0)
+    # 4 fps from the first frame: t = 0.5, 0.75, 1.0, 1.25, 1.5 show frames 0, 2, 4, 5, 6
+    levels = ((got.frames.mean(dim=(1, 2, 3)) + 1) * 127.5).tolist()
+    assert levels == pytest.approx([10 + 20 * k for k in (0, 2, 4, 5, 6)], abs=2)
+    evenly = decode_clip(path, [Bucket(5, 96, 128)], None)  # positions 0, 2.5, 5, 7.5, 10 -> 0, 2, 5, 8, 10
+    levels = ((evenly.frames.mean(dim=(1, 2, 3)) + 1) * 127.5).tolist()
+    assert levels == pytest.approx([10 + 20 * k for k in (0, 2, 5, 8, 10)], abs=2)
+    single = decode_clip(path, [Bucket(1, 96, 128)], None)
+    assert single.frames.shape == (1, 3, 96, 128)
+
+
+def test_a_rotated_phone_video_is_packed_upright(tmp_path):
+    # stored landscape 96x128 with the left half white; displayed rotated 90 degrees: portrait 128x96
+    image = np.zeros((96, 128, 3), dtype=np.uint8)
+    image[:, :64] = 255
+    path = write_frames(tmp_path / "phone.mp4", [image] * 9, [i / 8 for i in range(9)], rotation=90)
+    got = decode_clip(path, parse_buckets("9x96x128,9x128x96"), 8.0)
+    assert got.bucket == Bucket(9, 128, 96) and got.source_size == (128, 96)
+    upright = torch.from_numpy(np.rot90(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    assert (got.frames[0] - upright).abs().mean() < 0.05
