@@ -95,7 +95,7 @@ def bench(args: argparse.Namespace, work: Path) -> int:
 
     n = len(entries)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"model {args.model or "tiny 5B-style (random weights)"} on {device.type} ({name}), {dtype}; {n} clips of {bucket} from {args.src_height}x"
+    print(f"model {args.model or 'tiny 5B-style (random weights)'} on {device.type} ({name}), {dtype}; {n} clips of {bucket} from {args.src_height}x"
           f"{args.src_width} sources at {args.fps} fps; model load {load_s:.1f} s")
     print(f"pack    {pack_s:8.2f} s  {n / pack_s:7.2f} clips/s   (decode + encode + tar + fsync)")
     print(f"bare    {bare_s:8.2f} s  {n / bare_s:7.2f} clips/s   (VAE + T5 only, clips in memory)")

@@ -20,20 +20,36 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-class Encoder:
-    def __init__(self, model_dir: Path, device: torch.device, dtype: torch.dtype, vae_tiling: bool = True):
-        from diffusers import AutoencoderKLCogVideoX
+class PromptEncoder:
+    """The model directory's tokenizer/ and text_encoder/ (T5), encoding one caption at a time."""
+
+    def __init__(self, model_dir: Path, device: torch.device, dtype: torch.dtype):
         from transformers import AutoTokenizer, T5EncoderModel
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # per-model "Loading weights" bars would bury our progress
-        self.model_dir, self.device, self.dtype = model_dir, device, dtype
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+        self.model = T5EncoderModel.from_pretrained(model_dir / "text_encoder", dtype=dtype).to(device).eval()
+        self.max_len = read_config(model_dir, "transformer")["max_text_seq_length"]
+
+    @torch.no_grad()
+    def __call__(self, caption: str) -> torch.Tensor:
+        """caption -> [max_len, D] (compute dtype, on the device)."""
+        tokens = self.tokenizer([caption], padding="max_length", max_length=self.max_len, truncation=True,
+                                add_special_tokens=True, return_tensors="pt")
+        return self.model(tokens.input_ids.to(self.device))[0][0]
+
+
+class Encoder:
+    def __init__(self, model_dir: Path, device: torch.device, dtype: torch.dtype, vae_tiling: bool = True):
+        from diffusers import AutoencoderKLCogVideoX
+
+        self.device, self.dtype = device, dtype
         self.vae = AutoencoderKLCogVideoX.from_pretrained(model_dir / "vae", dtype=dtype).to(device).eval()
         if vae_tiling:
             self.vae.enable_tiling()  # encodes large frames tile by tile: far less activation memory
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
-        self.text_encoder = T5EncoderModel.from_pretrained(model_dir / "text_encoder", dtype=dtype).to(device).eval()
-        self.max_text_len = read_config(model_dir, "transformer")["max_text_seq_length"]
+        self.text = PromptEncoder(model_dir, device, dtype)
 
     @torch.no_grad()
     def video(self, frames: torch.Tensor, seed: int, index: int) -> torch.Tensor:
@@ -42,13 +58,6 @@ class Encoder:
         generator = torch.Generator(self.device).manual_seed(derive_seed(seed, VAE_NOISE, index))
         posterior = self.vae.encode(x).latent_dist
         return (posterior.sample(generator=generator) * self.vae.config.scaling_factor)[0]
-
-    @torch.no_grad()
-    def text(self, caption: str) -> torch.Tensor:
-        """caption -> [max_text_len, D] (compute dtype, on the device)."""
-        tokens = self.tokenizer([caption], padding="max_length", max_length=self.max_text_len, truncation=True,
-                                add_special_tokens=True, return_tensors="pt")
-        return self.text_encoder(tokens.input_ids.to(self.device))[0][0]
 
 
 def read_config(model_dir: Path, part: str) -> dict:

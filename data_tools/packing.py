@@ -139,24 +139,25 @@ def _rejection(entry: Entry, reason: str, detail: str) -> dict:
     return {"index": entry.index, "source": entry.source, "reason": reason, "detail": detail}
 
 
-def _encode(entry: Entry, clip: Clip, encoder: Encoder, options: PackOptions) -> dict:
-    """The tar members of one sample, or {"rejected": ...} when the encoders cannot give finite tensors."""
+def _encode(entry: Entry, clip: Clip, encoder: Encoder, options: PackOptions) -> tuple[dict, dict]:
+    """(tar members, the record's line) of one sample; VideoError when the encoders cannot give finite tensors."""
     store = STORE_DTYPES[options.dtype]
     try:
         latents = encoder.video(clip.frames, options.seed, entry.index).to(store).cpu()
         embeds = encoder.text(entry.caption).to(store).cpu()
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()  # one oversized clip must not end the pack; the next ones fit again
-        return {"rejected": _rejection(entry, "out_of_memory", f"{entry.source}: encoding {clip.bucket} ran out of "
-                                       f"memory (keep VAE tiling on, or use a smaller bucket)")}
+        raise VideoError("out_of_memory", f"{entry.source}: encoding {clip.bucket} ran out of memory "
+                                          f"(keep VAE tiling on, or use a smaller bucket)") from None
     if not (torch.isfinite(latents).all() and torch.isfinite(embeds).all()):
-        return {"rejected": _rejection(entry, "non_finite", f"{entry.source}: the encoders returned NaN/inf")}
+        raise VideoError("non_finite", f"{entry.source}: the encoders returned NaN/inf")
+    key = f"{entry.index:09d}"
     meta = {"caption": entry.caption, "source": entry.source, "fps": clip.fps, "num_frames": clip.bucket.frames,
             "height": clip.bucket.height, "width": clip.bucket.width, "source_size": list(clip.source_size),
             "index": entry.index}
-    return encode_sample(f"{entry.index:09d}", latents, embeds, meta) | {
-        "record": {"key": f"{entry.index:09d}", "bucket": str(clip.bucket), "latents": list(latents.shape),
-                   "prompt_embeds": list(embeds.shape)}}
+    return encode_sample(key, latents, embeds, meta), {"key": key, "bucket": str(clip.bucket),
+                                                       "latents": list(latents.shape),
+                                                       "prompt_embeds": list(embeds.shape)}
 
 
 def pack_chunk(chunk: int, entries: list[Entry], encoder: Encoder, options: PackOptions, out: Path, tag: str,
@@ -172,12 +173,13 @@ def pack_chunk(chunk: int, entries: list[Entry], encoder: Encoder, options: Pack
                 if entry.reason or isinstance(clip, VideoError):
                     rejected.append(_rejection(entry, entry.reason or clip.reason, entry.detail or clip.detail))
                     continue
-                sample = _encode(entry, clip, encoder, options)
-                if "rejected" in sample:
-                    rejected.append(sample["rejected"])
+                try:
+                    members, line = _encode(entry, clip, encoder, options)
+                except VideoError as exc:
+                    rejected.append(_rejection(entry, exc.reason, exc.detail))
                     continue
-                samples.append(sample.pop("record"))
-                sink.write(sample)
+                sink.write(members)
+                samples.append(line)
         f.flush()
         os.fsync(f.fileno())  # on disk before the rename makes it visible
     if samples:

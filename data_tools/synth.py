@@ -18,12 +18,11 @@ if __name__ == "__main__":  # put the repo first on sys.path instead of data_too
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadow the standard library's inspect module
 
 import argparse
-import json
 import math
 
 import torch
 
-from data_tools.encode import latent_geometry  # noqa: E402
+from data_tools.encode import PromptEncoder, latent_geometry  # noqa: E402
 from trainer.shard_format import encode_sample  # noqa: E402
 
 COLOURS = ["red", "green", "blue", "yellow", "white", "orange", "purple", "cyan"]
@@ -53,24 +52,14 @@ def pattern(i: int, shape: tuple[int, int, int, int]) -> torch.Tensor:
     return math.sqrt(2) * torch.stack(channels)
 
 
-@torch.no_grad()
-def encode_captions(model_dir: Path, captions: list[str]) -> torch.Tensor:
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
-    encoder = T5EncoderModel.from_pretrained(model_dir / "text_encoder").eval()
-    max_len = json.loads((model_dir / "transformer" / "config.json").read_text())["max_text_seq_length"]
-    tokens = tokenizer(captions, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
-    return encoder(tokens.input_ids).last_hidden_state
-
-
 def write_synthetic_shards(model_dir: Path, out: Path, samples: int, samples_per_shard: int, frames: int = 9,
                            height: int = 96, width: int = 128, seed: int = 0) -> list[Path]:
     import webdataset as wds
 
     shape = latent_shape(model_dir, frames, height, width)
     captions = [caption(seed + i) for i in range(samples)]
-    embeds = encode_captions(model_dir, captions)
+    encode = PromptEncoder(model_dir, torch.device("cpu"), torch.float32)
+    embeds = [encode(text) for text in captions]
     out.mkdir(parents=True, exist_ok=True)
     with wds.ShardWriter(str(out / "train-%06d.tar"), maxcount=samples_per_shard, encoder=False, verbose=0) as sink:
         for i, text in enumerate(captions):

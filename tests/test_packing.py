@@ -323,3 +323,11 @@ def test_data_tools_run_as_scripts(script):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout
+
+
+def test_the_packing_benchmark_runs():
+    """Not a timing test: the shipped benchmark must run and print its numbers."""
+    proc = subprocess.run([sys.executable, "bench/pack.py", "--clips", "2"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ratio pack/bare = " in proc.stdout and "pack " in proc.stdout and "bare " in proc.stdout
