@@ -331,3 +331,23 @@ def test_the_packing_benchmark_runs():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ratio pack/bare = " in proc.stdout and "pack " in proc.stdout and "bare " in proc.stdout
+
+
+def test_clips_of_two_shapes_go_to_their_buckets(tiny_5b, tmp_path):
+    """Landscape and portrait sources, two buckets: each clip lands in its own, the manifest counts both,
+    and inspect.py checks every sample against its bucket's latent shape."""
+    data = tmp_path / "data"
+    write_synthetic_videos(data, count=3)  # 120x160: landscape
+    write_synthetic_videos(data / "tall", count=2, height=160, width=120, first=3)  # portrait
+    (data / "videos.txt").write_text((data / "videos.txt").read_text() + "tall/videos/00003.mp4\ntall/videos/00004.mp4\n")
+    (data / "prompts.txt").write_text((data / "prompts.txt").read_text() + (data / "tall" / "prompts.txt").read_text())
+    out = tmp_path / "out"
+    assert shard.main(["--input", str(data), "--model", str(tiny_5b), "--out", str(out),
+                       "--buckets", "9x96x128,9x128x96"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {k: (v["samples"], v["latents"]) for k, v in manifest["buckets"].items()} == {
+        "9x96x128": (3, [4, 3, 12, 16]), "9x128x96": (2, [4, 3, 16, 12])}
+    shapes = {key: tuple(s.latents.shape) for key, s in read_all(out).items()}
+    assert shapes == {**{f"{i:09d}": (4, 3, 12, 16) for i in range(3)}, **{f"{i:09d}": (4, 3, 16, 12) for i in (3, 4)}}
+    _, report = inspect_dataset(out)
+    assert not report.problems and report.samples == {"9x96x128": 3, "9x128x96": 2}
