@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.model import read_transformer_config
 from trainer.rng import VAE_NOISE, derive_seed
 
 
@@ -31,7 +32,7 @@ class PromptEncoder:
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
         self.model = T5EncoderModel.from_pretrained(model_dir / "text_encoder", dtype=dtype).to(device).eval()
-        self.max_len = read_config(model_dir, "transformer")["max_text_seq_length"]
+        self.max_len = read_transformer_config(model_dir)["max_text_seq_length"]
 
     @torch.no_grad()
     def __call__(self, caption: str) -> torch.Tensor:

@@ -28,12 +28,13 @@ import uuid
 import torch  # noqa: E402
 
 from data_tools import packing  # noqa: E402
-from data_tools.encode import Encoder, default_device, latent_geometry, read_config  # noqa: E402
+from data_tools.encode import Encoder, default_device, latent_geometry  # noqa: E402
 from data_tools.inputs import InputError, fingerprint, read_inputs  # noqa: E402
 from data_tools.progress import Progress  # noqa: E402
 from data_tools.video import Bucket, parse_buckets  # noqa: E402
 from trainer.distributed import share_cpu_threads  # noqa: E402
 from trainer.errors import EXIT_USER_ERROR, UserError  # noqa: E402
+from trainer.model import read_transformer_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -95,7 +96,7 @@ def check_model(model_dir: Path, buckets: list[Bucket]) -> None:
         if not (model_dir / part).is_dir():
             raise UserError(f"--model {model_dir}: not a CogVideoX model directory (no {part}/)")
     _, temporal, spatial = latent_geometry(model_dir)
-    multiple = spatial * read_config(model_dir, "transformer").get("patch_size", 2)
+    multiple = spatial * read_transformer_config(model_dir).get("patch_size", 2)
     for b in buckets:
         if (b.frames - 1) % temporal:
             raise UserError(f"bucket {b}: {b.frames} frames; this VAE needs {temporal}k+1 (e.g. 49)")
@@ -138,15 +139,14 @@ def pack(args: argparse.Namespace) -> int:
     if todo or not (out / packing.EMPTY_PROMPT).exists():
         encoder = Encoder(args.model, device, dtype, args.vae_tiling)
         packing.write_empty_prompt(out, encoder, packing.STORE_DTYPES[args.dtype], tag)
-        start = time.perf_counter()
-        with Progress(sum(len(all_chunks[j]) for j in todo), enabled=rank == 0, say=say) as progress:
+        start, total = time.perf_counter(), sum(len(all_chunks[j]) for j in todo)
+        with Progress(total, enabled=rank == 0, say=say) as progress:
             for j in todo:
                 rec = packing.pack_chunk(j, all_chunks[j], encoder, options, out, tag, args.decode_workers,
                                          progress.advance)
                 progress.note(f"{rec['shard'] or f'chunk {j} (no shard)'}: {len(rec['samples'])} samples, "
                               f"{len(rec['rejected'])} rejected")
-        done = sum(len(all_chunks[j]) for j in todo)
-        say(f"packed {done} inputs in {time.perf_counter() - start:.1f} s")
+        say(f"packed {total} inputs in {time.perf_counter() - start:.1f} s")
     manifest = packing.finalize(out, len(all_chunks), identity, args.model.resolve(), tag)
     if manifest is None:
         # exit 0 even under --strict: torchrun would stop the ranks still packing. The last rank decides.

@@ -63,7 +63,7 @@ class Clip:
 @dataclass(frozen=True)
 class Probe:
     times: list[float]  # presentation times of every frame, ascending, seconds
-    height: int  # as displayed (after the stream's rotation)
+    height: int  # as stored; decode_clip swaps them for a stream displayed rotated by 90 degrees
     width: int
     pts: tuple[int, ...] = ()  # the frames' presentation timestamps, in the order of `times`
 
@@ -74,16 +74,19 @@ class Probe:
             if n < frames:
                 return None
             return [round(i * (n - 1) / (frames - 1)) for i in range(frames)] if frames > 1 else [0]
-        step = np.median(np.diff(self.times)) if n > 1 else 0.0
+        step = self.frame_step()
         targets = [self.times[0] + i / fps for i in range(frames)]
         if n < 1 or targets[-1] > self.times[-1] + step / 2:
             return None
         # the frame shown at each target time: the last one that starts at or before it (with rounding slack)
         return [max(0, bisect.bisect_right(self.times, t + 1e-6) - 1) for t in targets]
 
+    def frame_step(self) -> float:
+        """The typical time between frames (0 for a single frame)."""
+        return float(np.median(np.diff(self.times))) if len(self.times) > 1 else 0.0
+
     def duration(self) -> float:
-        step = float(np.median(np.diff(self.times))) if len(self.times) > 1 else 0.0
-        return self.times[-1] - self.times[0] + step
+        return self.times[-1] - self.times[0] + self.frame_step()
 
 
 def probe(path: Path) -> Probe:
