@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from trainer.data import raw_samples  # noqa: E402
+from trainer.shard_format import raw_samples  # noqa: E402
 from trainer.shard_format import Sample, ShardError, decode_sample  # noqa: E402
 
 

@@ -29,6 +29,7 @@ from data_tools.encode import Encoder, read_config
 from data_tools.inputs import Entry
 from data_tools.video import Bucket, Clip, VideoError, decode_clip
 from trainer.errors import UserError
+from trainer.files import atomic_write
 from trainer.shard_format import encode_sample
 
 FORMAT = "cogvideox-lora-trainer shards v1"
@@ -57,16 +58,6 @@ def shard_name(chunk: int) -> str:
 
 def record_path(out: Path, chunk: int) -> Path:
     return out / "progress" / f"chunk-{chunk:06d}.json"
-
-
-def atomic_write(path: Path, data: bytes, tag: str) -> None:
-    """Write to a temporary name, flush it to disk, then rename: readers see all of it or nothing."""
-    tmp = path.with_name(f".{path.name}.partial-{tag}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def dump_json(obj) -> bytes:

@@ -6,6 +6,8 @@
     python launch/train.py --spec run.yaml          (one process)
 
 A mistake in the spec or the data ends with one message naming the field, file or sample, and exit status 2.
+SIGTERM or SIGUSR1 finish the optimizer step, save a checkpoint and exit with 75; the same command resumes.
+Exit statuses: trainer/errors.py.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 from trainer.distributed import ensure_process_env, env_rank  # noqa: E402
 from trainer.errors import EXIT_USER_ERROR, UserError  # noqa: E402
+from trainer.faults import Stopped  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,12 +44,16 @@ def main(argv: list[str] | None = None) -> int:
 
         train(load_spec(args.spec, args.overrides))
     except UserError as exc:
-        # Before the process group exists every rank fails the same way: let rank 0 say it once.
-        if dist.is_initialized():
+        # Before training starts every rank fails the same way: let rank 0 say it once.
+        if dist.is_initialized() and not getattr(exc, "on_every_rank", False):
             print(f"error [rank {dist.get_rank()}]: {exc}", file=sys.stderr)
         elif env_rank() == 0:
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Stopped as exc:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(exc, file=sys.stderr)
+        return exc.exit_code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

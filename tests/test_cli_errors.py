@@ -57,12 +57,6 @@ def test_shards_that_match_no_file(tmp_path, good_spec):
     fails_with(tmp_path, {**good_spec, "data": {"shards": pattern}}, "data.shards:", "train-000000.tar")
 
 
-def test_fewer_shards_than_ranks(tmp_path, good_spec, shards_5b):
-    one = sorted(shards_5b.glob("*.tar"))[0]
-    fails_with(tmp_path, {**good_spec, "data": {"shards": str(one)}}, "data.shards: 1 shard(s) for 2 ranks",
-               ranks=2)
-
-
 def test_shards_whose_shapes_do_not_fit_the_model(tmp_path, good_spec):
     shard = tmp_path / "shards" / "wrong-000000.tar"
     shard.parent.mkdir()
@@ -91,9 +85,20 @@ def test_deepspeed_config_contradicting_the_spec(tmp_path, good_spec):
 def test_an_earlier_run_is_never_overwritten(tmp_path, good_spec):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
-    proc = run_train(write_spec(tmp_path / "run.yaml", good_spec))
+    proc = run_train(write_spec(tmp_path / "run.yaml", {**good_spec, "checkpoint": {"resume": "none"}}))
     assert proc.returncode == 2 and "already holds an earlier run (metrics.jsonl)" in proc.stderr, proc.stderr
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == "{}\n"
+    # resume: auto continues from a complete checkpoint, but a finished run that kept none is not redone
+    (tmp_path / "run" / "lora").mkdir()
+    proc = run_train(write_spec(tmp_path / "run.yaml", good_spec))
+    assert proc.returncode == 2 and "holds a finished run (lora/) without a complete checkpoint" in proc.stderr
+
+
+def test_resuming_from_an_incomplete_checkpoint_is_refused(tmp_path, good_spec):
+    broken = tmp_path / "elsewhere" / "step_00000004"
+    broken.mkdir(parents=True)  # what a save killed half-way leaves: files, but no complete.json
+    fails_with(tmp_path, {**good_spec, "checkpoint": {"resume": str(broken)}},
+               f"checkpoint.resume: {broken} is not a complete checkpoint")
 
 
 @pytest.mark.slow

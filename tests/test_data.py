@@ -1,9 +1,11 @@
-"""The shard reader: shard resolution, per-rank/worker splits, seeded order, endless epochs, shape buckets."""
+"""The data path: shard resolution, the sample index and its faults, the global micro-batch sequence."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -12,22 +14,26 @@ import torch
 import webdataset as wds
 
 from helpers import META
-from trainer.data import ShardStream, batches, build_loader, check_shards_fit, loader_workers, resolve_shards
+from trainer.data import MicroBatches, build_loader, resolve_shards
 from trainer.errors import UserError
 from trainer.model import ModelShapes
 from trainer.shard_format import ShardError, decode_sample, encode_sample
+from trainer.shard_index import ShardIndex, build_index
 
 
 
-def write_shards(root: Path, shapes_per_shard: list[list[tuple[int, int, int, int]]], text=(226, 32)) -> list[str]:
-    """Shards of samples with the given latent shapes; each sample's latents are filled with its index."""
+def write_shards(root: Path, shapes_per_shard: list[list[tuple[int, int, int, int]]], text=(226, 32),
+                 edit=None) -> list[str]:
+    """Shards of samples with the given latent shapes; each sample's latents are filled with its index.
+    ``edit(i, members)`` may change sample i's member dict before it is written."""
     root.mkdir(parents=True, exist_ok=True)
     index = itertools.count()
     for s, shapes in enumerate(shapes_per_shard):
         with wds.TarWriter(str(root / f"part-{s:03d}.tar"), encoder=False) as sink:
             for shape in shapes:
                 i = next(index)
-                sink.write(encode_sample(f"s{i:04d}", torch.full(shape, float(i)), torch.zeros(text), META))
+                members = encode_sample(f"s{i:04d}", torch.full(shape, float(i)), torch.zeros(text), META)
+                sink.write(edit(i, members) if edit else members)
     return [str(p) for p in sorted(root.glob("*.tar"))]
 
 
@@ -55,82 +61,123 @@ def test_resolve_shards_forms_and_errors(tmp_path):
         resolve_shards(str(tmp_path / "empty"))
 
 
-def epoch_of(stream_factory, world_size: int, workers: int, epoch: int) -> list[list[str]]:
-    return [stream_factory(rank).shards_for(epoch, w, workers) for rank in range(world_size) for w in range(workers)]
+def dataset(index, *, rank=0, world_size=1, start=0, seed=7, micro=1, shapes):
+    return MicroBatches(index, seed=seed, micro_batch_size=micro, start=start, rank=rank, world_size=world_size,
+                        shapes=shapes)
 
 
-def test_each_rank_and_worker_reads_disjoint_shards_in_a_seeded_order(tmp_path, shapes):
-    paths = write_shards(tmp_path, [[(4, 3, 12, 16)]] * 12)
-
-    def stream(rank, seed=7):
-        return ShardStream(paths, rank=rank, world_size=2, seed=seed, micro_batch_size=1, shuffle_buffer=0,
-                           shapes=shapes)
-
-    for epoch in range(3):
-        readers = epoch_of(stream, 2, 3, epoch)
-        flat = [s for reader in readers for s in reader]
-        assert sorted(flat) == sorted(paths) and len(flat) == len(paths)  # disjoint, complete
-    assert epoch_of(stream, 2, 3, 0) != epoch_of(stream, 2, 3, 1)  # reshuffled each epoch
-    assert epoch_of(stream, 2, 3, 0) == epoch_of(stream, 2, 3, 0)  # deterministic
-    assert epoch_of(lambda r: stream(r, seed=8), 2, 3, 0) != epoch_of(stream, 2, 3, 0)
+def test_every_epoch_is_a_seeded_permutation_of_all_samples(tmp_path, shapes):
+    index = build_index(write_shards(tmp_path, [[(4, 3, 12, 16)] * 3] * 4), shapes)
+    assert len(index.samples) == 12 and not index.faults
+    data = dataset(index, shapes=shapes)
+    assert data.per_epoch == 12
+    epochs = [[sample_ids(data[e * 12 + j])[0] for j in range(12)] for e in range(3)]
+    assert all(sorted(epoch) == list(range(12)) for epoch in epochs)  # every sample once per epoch
+    assert epochs[0] != epochs[1] != epochs[2]  # reshuffled each epoch
+    assert epochs[0] == [sample_ids(dataset(index, shapes=shapes)[j])[0] for j in range(12)]  # reproducible
+    assert epochs[0] != [sample_ids(dataset(index, seed=8, shapes=shapes)[j])[0] for j in range(12)]
 
 
-def test_stream_is_endless_and_reproducible(tmp_path, shapes):
-    paths = write_shards(tmp_path, [[(4, 3, 12, 16)] * 3] * 4)  # 12 samples
+def test_the_sequence_is_one_for_any_number_of_ranks_and_resumes_from_samples_seen(tmp_path, shapes):
+    """Rank r of W takes global micro-batch start + k*W + r: 2 ranks together read exactly what 1 rank reads,
+    and a run resumed at `samples seen` on another number of ranks neither repeats nor skips a sample."""
+    index = build_index(write_shards(tmp_path, [[(4, 3, 12, 16)] * 5] * 2), shapes)  # 10 samples, 2 epochs below
+    one = [sample_ids(dataset(index, shapes=shapes)[k])[0] for k in range(20)]
+    two = [dataset(index, rank=r, world_size=2, shapes=shapes) for r in range(2)]
+    interleaved = [sample_ids(two[k % 2][k // 2])[0] for k in range(20)]
+    assert interleaved == one
+    # 2 ranks ran 3 steps of 2 micro-batches each (12 micro-batches, into epoch 2); 1 rank takes over
+    resumed = dataset(index, start=12, shapes=shapes)
+    assert [sample_ids(resumed[k])[0] for k in range(8)] == one[12:20]
+    assert resumed[0].position == (1, 2)  # epoch 1, its third micro-batch
 
-    def first(n):
-        stream = ShardStream(paths, rank=1, world_size=2, seed=3, micro_batch_size=1, shuffle_buffer=4, shapes=shapes)
-        return [sample_ids(b)[0] for b in itertools.islice(iter(stream), n)]
 
-    ids = first(30)  # rank 1 holds 6 samples per epoch: 5 epochs
-    assert ids == first(30)
-    for epoch in range(5):
-        chunk = ids[epoch * 6:(epoch + 1) * 6]
-        assert len(set(chunk)) == 6  # every sample of the epoch exactly once
-    assert ids[:6] != ids[6:12]
-
-
-def test_micro_batches_hold_one_latent_shape(tmp_path, shapes):
+def test_micro_batches_hold_one_latent_shape_and_drop_partial_ones(tmp_path, shapes):
     small, large = (4, 3, 12, 16), (4, 2, 8, 8)
-    paths = write_shards(tmp_path, [[small, large, small, large, small, large]] * 2)
-    stream = ShardStream(paths, rank=0, world_size=1, seed=0, micro_batch_size=3, shuffle_buffer=0, shapes=shapes)
+    index = build_index(write_shards(tmp_path, [[small, large, small, large, small, large, small]] * 2), shapes)
+    data = dataset(index, micro=3, shapes=shapes)
+    assert data.per_epoch == 2 + 2  # 8 small and 6 large samples: 2 full micro-batches each, 2 small left over
     seen = Counter()
-    for batch in itertools.islice(iter(stream), 8):
-        assert batch.latents.shape[0] == 3 and batch.prompt_embeds.shape == (3, 226, 32)
+    for k in range(3 * data.per_epoch):
+        batch = data[k]
+        assert batch.latents.shape[0] == 3 and batch.prompt_embeds.shape == (3, 226, 32) and batch.valid.all()
         for i, latent in zip(sample_ids(batch), batch.latents):
             assert (latent == i).all()  # each row is its own sample
         seen[tuple(batch.latents.shape[1:])] += 1
-    assert seen[small] == 4 and seen[large] == 4
+    assert seen[small] == 6 and seen[large] == 6
+    with pytest.raises(UserError, match="no latent shape has data.micro_batch_size=9 samples"):
+        dataset(index, micro=9, shapes=shapes)
 
 
-def test_loader_workers_together_read_everything(tmp_path, shapes):
-    paths = write_shards(tmp_path, [[(4, 3, 12, 16)] * 2] * 4)
-    loader = build_loader(paths, rank=0, world_size=1, seed=0, micro_batch_size=1, shuffle_buffer=0,
-                          num_workers=2, shapes=shapes, pin_memory=False)
-    ids = [sample_ids(b)[0] for b in itertools.islice(batches(loader), 8)]
-    assert sorted(ids) == list(range(8))
-    assert loader_workers(4, world_size=2, num_workers=3) == 2  # one shard per worker at most
-    assert loader_workers(4, world_size=1, num_workers=0) == 0
-    with pytest.raises(UserError, match=r"data.shards: 4 shard\(s\) for 5 ranks"):
-        loader_workers(4, world_size=5, num_workers=1)
+def test_loader_workers_return_the_sequence_in_order(tmp_path, shapes):
+    index = build_index(write_shards(tmp_path, [[(4, 3, 12, 16)] * 2] * 4), shapes)
+    data = dataset(index, rank=1, world_size=2, start=6, shapes=shapes)
+    loader = build_loader(data, num_workers=2, pin_memory=False)
+    assert [sample_ids(b) for b in itertools.islice(loader, 9)] == [sample_ids(data[k]) for k in range(9)]
 
 
-def test_a_bad_sample_in_a_worker_arrives_as_itself(tmp_path, shapes):
-    paths = write_shards(tmp_path, [[(4, 3, 12, 16)], [(4, 3, 12, 16)]], text=(226, 64))
-    loader = build_loader(paths, rank=0, world_size=1, seed=0, micro_batch_size=1, shuffle_buffer=0,
-                          num_workers=2, shapes=shapes, pin_memory=False)
-    with pytest.raises(ShardError) as info:
-        next(batches(loader))
-    assert "prompt embeddings are [226, 64]" in str(info.value) and ".tar, sample 's000" in str(info.value)
+def test_a_split_index_merges_to_the_whole(tmp_path, shapes):
+    paths = write_shards(tmp_path, [[(4, 3, 12, 16)] * 2] * 5)
+    whole = build_index(paths, shapes)
+    parts = [build_index(paths, shapes, rank, 2, gather=lambda mine: [mine]) for rank in range(2)]
+    assert [len(p.samples) for p in parts] == [6, 4]  # shards 0, 2, 4 and 1, 3
+    merged = ShardIndex.merge(paths, [(p.samples, p.faults) for p in reversed(parts)])
+    assert merged.samples == whole.samples and merged.fingerprint() == whole.fingerprint()
+    assert build_index(paths[:4], shapes).fingerprint() != whole.fingerprint()
 
 
-def test_startup_check_names_the_shard_and_key(tmp_path, shapes):
-    paths = write_shards(tmp_path, [[(16, 3, 12, 16)]])
-    with pytest.raises(ShardError, match=r"part-000.tar, sample 's0000': latents have 16 channels"):
-        check_shards_fit(paths, shapes, tmp_path)
-    (tmp_path / "junk.tar").write_bytes(b"not a tar file at all" * 30)
-    with pytest.raises(UserError, match="junk.tar"):
-        check_shards_fit([str(tmp_path / "junk.tar")], shapes, tmp_path)
+def test_the_index_names_each_bad_sample_and_keeps_the_good_ones(tmp_path, shapes):
+    """Faults found from headers alone, before any step: each is named by shard and key; good samples stay."""
+    from safetensors.torch import save as st_save
+
+    def edit(i, members):
+        if i == 1:
+            del members["prompt_embeds.safetensors"]
+        if i == 2:
+            members["latents.safetensors"] = st_save({"latents": torch.zeros(16, 3, 12, 16)})
+        if i == 3:
+            members["latents.safetensors"] = st_save({"latents": torch.zeros(4, 3, 12, 16, dtype=torch.int32)})
+        if i == 4:
+            members["latents.safetensors"] = b"\x80\x04pickle?"
+        return members
+
+    paths = write_shards(tmp_path / "d", [[(4, 3, 12, 16)] * 6, [(4, 3, 12, 16)] * 4, []], edit=edit)
+    data = Path(paths[1]).read_bytes()
+    Path(paths[1]).write_bytes(data[: len(data) * 3 // 5])  # cut mid-sample, as an interrupted copy leaves it
+    (tmp_path / "d" / "junk.tar").write_bytes(b"not a tar file at all" * 30)
+    index = build_index(resolve_shards(str(tmp_path / "d")), shapes)
+    problems = [str(f) for f in index.faults]
+    expected = [r"junk.tar: cannot be read",  # resolve_shards sorts the directory's files
+                r"part-000.tar, sample 's0001': missing member\(s\) \['prompt_embeds.safetensors'\]",
+                r"part-000.tar, sample 's0002': latents have 16 channels",
+                r"part-000.tar, sample 's0003': latents has dtype I32",
+                r"part-000.tar, sample 's0004': latents.safetensors is not a valid safetensors blob",
+                r"part-001.tar.*truncated|part-001.tar: cannot be read",
+                r"part-002.tar: holds no samples"]
+    assert len(problems) == len(expected), problems
+    for problem, pattern in zip(problems, expected):
+        assert re.search(pattern, problem), (pattern, problem)
+    kept = [r.key for r in index.samples]
+    assert kept[:2] == ["s0000", "s0005"] and set(kept[2:]) <= {"s0006", "s0007", "s0008"} and len(kept) >= 3
+    with tarfile.open(paths[0]) as tar:  # the index's offsets are where the tar keeps the data
+        member = tar.getmember("s0000.latents.safetensors")
+        assert index.samples[0].latents == (member.offset_data, member.size)
+
+
+def test_non_finite_values_found_when_read_become_an_invalid_sample(tmp_path, shapes):
+    def edit(i, members):
+        if i == 1:
+            members["latents.safetensors"] = encode_sample("x", torch.full((4, 3, 12, 16), float("nan")),
+                                                           torch.zeros(226, 32), META)["latents.safetensors"]
+        return members
+
+    index = build_index(write_shards(tmp_path, [[(4, 3, 12, 16)] * 3], edit=edit), shapes)
+    data = dataset(index, micro=3, shapes=shapes)
+    batch = data[0]
+    bad = batch.keys.index("s0001")
+    assert batch.valid.tolist() == [i != bad for i in range(3)]
+    assert (batch.latents[bad] == 0).all() and torch.isfinite(batch.latents).all()
+    assert [str(f) for f in batch.faults] == [f"shard {index.shards[0]}, sample 's0001': latents hold NaN or inf values"]
 
 
 def test_decode_rejects_missing_members_and_non_safetensors():
@@ -144,21 +191,3 @@ def test_decode_rejects_missing_members_and_non_safetensors():
     with pytest.raises(ShardError, match="metadata is not valid JSON"):
         decode_sample({**raw, "json": b"{"})
     assert json.loads(raw["json"]) == META
-
-
-def test_a_truncated_shard_is_named_not_a_traceback(tmp_path, shapes):
-    paths = write_shards(tmp_path, [[(4, 3, 12, 16)] * 3])
-    data = Path(paths[0]).read_bytes()
-    Path(paths[0]).write_bytes(data[: len(data) // 2])  # cut mid-sample, as an interrupted copy leaves it
-    stream = ShardStream(paths, rank=0, world_size=1, seed=0, micro_batch_size=1, shuffle_buffer=0, shapes=shapes)
-    with pytest.raises(ShardError, match=r"shard .*part-000.tar: cannot be read after sample 's000"):
-        list(itertools.islice(batches(stream), 5))
-
-
-def test_empty_shards_stop_the_stream_instead_of_spinning(tmp_path, shapes):
-    paths = write_shards(tmp_path, [[], [(4, 3, 12, 16)]])
-    empty = ShardStream(paths, rank=0, world_size=2, seed=0, micro_batch_size=1, shuffle_buffer=0, shapes=shapes)
-    full = ShardStream(paths, rank=1, world_size=2, seed=0, micro_batch_size=1, shuffle_buffer=0, shapes=shapes)
-    owner_of_empty = empty if empty.shards_for(0, 0, 1) == [paths[0]] else full
-    with pytest.raises(ShardError, match=r"part-000.tar: hold no samples \(rank \d, loader worker 0\)"):
-        next(batches(owner_of_empty))

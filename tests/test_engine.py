@@ -8,7 +8,6 @@ Clipping each micro-batch, or clipping twice with different norms, or mis-scalin
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 
@@ -18,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from helpers import free_port
-from trainer.data import ShardStream
+from trainer.data import MicroBatches
 from trainer.diffusion import TimestepSampler
 from trainer.loop import Run, build, preflight, train_step
 from trainer.model import VideoTransformer
@@ -50,33 +49,33 @@ def _probe(rank: int, world_size: int, port: int, model_dir: str, shards: str, m
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     spec = RunSpec.model_validate({
-        "model": {"path": model_dir}, "data": {"shards": shards, "num_workers": 0, "shuffle_buffer": 0},
+        "model": {"path": model_dir}, "data": {"shards": shards, "num_workers": 0},
         "lora": {"rank": 4, "alpha": 8}, "optim": {"lr": 1e-3, "weight_decay": 0.0},
         "train": {"max_steps": 1, "gradient_accumulation_steps": ACCUMULATION, "max_grad_norm": max_grad_norm,
                   "precision": "fp32"}})
     plan = preflight(spec)
-    run = build(spec, plan)
+    run, index, _, _ = build(spec, plan)
     assert run.engine.train_batch_size() == ACCUMULATION * world_size
-    # each rank draws its own noise (a copy of the generator, so the run below is untouched)
-    probe = torch.Generator().set_state(run.noise.get_state())
+    # each rank draws its own noise: train_step seeds it by (seed, rank, optimizer step)
+    probe = torch.Generator().manual_seed(derive_seed(spec.run.seed, NOISE, rank, 1))
     draws = [torch.empty(16) for _ in range(world_size)]
     dist.all_gather(draws, torch.randn(16, generator=probe))
     assert not torch.equal(draws[0], draws[1])
-    stream = ShardStream(plan.shards, rank=rank, world_size=world_size, seed=0, micro_batch_size=1,
-                         shuffle_buffer=0, shapes=plan.shapes)
-    micro_batches = list(itertools.islice(iter(stream), ACCUMULATION))
+    stream = MicroBatches(index, seed=0, micro_batch_size=1, start=0, rank=rank, world_size=world_size,
+                          shapes=plan.shapes)
+    micro_batches = [stream[k] for k in range(ACCUMULATION)]
 
     reference = VideoTransformer.from_pretrained(plan.model_dir, spec.lora, torch.float32, False, spec.run.seed)
     engine_params = run.model.lora_parameters()
     for name, param in reference.lora_parameters().items():
         assert torch.equal(param, safe_get_full_fp32_param(engine_params[name])), name
-    noise = torch.Generator().manual_seed(derive_seed(spec.run.seed, NOISE, rank))
+    noise = torch.Generator()
     sampler = TimestepSampler("uniform", seed=0, rank=rank, world_size=world_size, micro_batch=1,
                               accumulation=ACCUMULATION, num_train_timesteps=1000, generator=noise)
     ref_run = Run(spec, PlainAutograd(reference, ACCUMULATION), reference, run.objective, sampler, noise,
-                  torch.float32)
-    ref_loss = train_step(ref_run, iter(micro_batches), 1)
-    loss = train_step(run, iter(micro_batches), 1)
+                  torch.float32, rank)
+    ref_loss = train_step(ref_run, iter(micro_batches), 1).loss
+    loss = train_step(run, iter(micro_batches), 1).loss
     assert torch.equal(loss, ref_loss)  # same batches, noise and timesteps
     assert run.engine.was_step_applied()
 

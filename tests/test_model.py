@@ -11,7 +11,7 @@ from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
 from trainer.errors import UserError
 from trainer.model import ModelShapes, VideoTransformer, check_lora_targets, resolve_model_dir
-from trainer.shard_format import Sample, ShardError
+from trainer.shard_format import ShardError
 from trainer.spec import LoraSection
 
 LORA = LoraSection(rank=4, alpha=8)
@@ -100,14 +100,14 @@ def test_image_to_video_transformer_is_refused(tmp_path, tiny_5b):
 
 def test_shapes_check_names_shard_key_and_mismatch(tiny_5b):
     shapes = ModelShapes.from_model_dir(tiny_5b)
-    good = Sample("k1", "s.tar", torch.zeros(4, 3, 12, 16), torch.zeros(226, 32))
-    shapes.check(good)
+    shapes.check("s.tar", "k1", (4, 3, 12, 16), (226, 32))
     cases = [
-        (Sample("k2", "s.tar", torch.zeros(16, 3, 12, 16), torch.zeros(226, 32)), "latents have 16 channels"),
-        (Sample("k3", "s.tar", torch.zeros(4, 3, 13, 16), torch.zeros(226, 32)), "not divisible by the model's patch"),
-        (Sample("k4", "s.tar", torch.zeros(4, 3, 12, 16), torch.zeros(226, 4096)), "prompt embeddings are [226, 4096]"),
+        ("k2", (16, 3, 12, 16), (226, 32), "latents have 16 channels"),
+        ("k3", (4, 3, 13, 16), (226, 32), "not divisible by the model's patch"),
+        ("k4", (4, 3, 12, 16), (226, 4096), "prompt embeddings are [226, 4096]"),
+        ("k5", (4, 12, 16), (226, 32), "latents have shape [4, 12, 16], expected [C, F, H, W]"),
     ]
-    for sample, problem in cases:
+    for key, latents, prompt, problem in cases:
         with pytest.raises(ShardError) as info:
-            shapes.check(sample)
-        assert f"shard s.tar, sample {sample.key!r}" in str(info.value) and problem in str(info.value)
+            shapes.check("s.tar", key, latents, prompt)
+        assert f"shard s.tar, sample {key!r}" in str(info.value) and problem in str(info.value)

@@ -22,7 +22,7 @@ from data_tools.synth import caption
 from data_tools.synth_videos import write_mp4, frames_for, write_synthetic_videos
 from data_tools.video import Bucket, decode_clip
 from helpers import REPO, free_port
-from trainer.data import shard_samples
+from trainer.shard_format import shard_samples
 from trainer.rng import VAE_NOISE, derive_seed
 
 GEOMETRY = ["--frames", "9", "--height", "96", "--width", "128"]

@@ -1,40 +1,47 @@
-"""Streaming training batches from webdataset shards.
+"""Training micro-batches read by offset from webdataset shards, in an order that survives any resume.
 
-Every (rank, loader worker) reads its own disjoint shards. The shard order of an epoch is a permutation
-drawn from (seed, epoch), the same on every rank; samples are then shuffled in a buffer seeded by
-(seed, epoch, rank, worker). Nothing depends on wall-clock or process-global RNG state, so the stream a
-rank sees is a pure function of the spec and its rank. The stream is endless: epochs follow each other.
-Micro-batches hold samples of one latent shape; a sample waits in its shape's bucket until it fills.
+Each epoch is one seeded permutation of every indexed sample (the same on every rank); samples are grouped
+into micro-batches of one latent shape in that order, and a shape's last partial micro-batch of the epoch is
+dropped. Every epoch therefore has the same number of micro-batches, and the run's micro-batches form one
+global sequence: micro-batch g of the run is epoch g // per_epoch, position g % per_epoch. Rank r of W takes
+g = start + k*W + r for its k-th micro-batch. The data position is the single number ``start`` (global
+micro-batches consumed = samples seen / micro batch size), so a resume on the same or another number of
+ranks continues the sequence without repeating or skipping a sample.
 """
 
 from __future__ import annotations
 
 import glob
-import itertools
 import json
 import math
 import random
-import tarfile
+import struct
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import webdataset as wds
 from braceexpand import braceexpand
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from torch.utils.data import DataLoader, Dataset
 
 from trainer.errors import UserError
 from trainer.model import ModelShapes
-from trainer.rng import DATA_ORDER, DATA_SHUFFLE, derive_seed
-from trainer.shard_format import Sample, ShardError, decode_sample
+from trainer.rng import DATA_ORDER, derive_seed
+from trainer.shard_format import ShardError, shard_samples
+from trainer.shard_index import Extent, SampleRef, ShardIndex
 
 
 class Batch(NamedTuple):
     keys: list[str]
+    shards: list[str]  # each sample's shard file name
     latents: torch.Tensor  # [B, C, F, H, W] as stored (usually bf16)
     prompt_embeds: torch.Tensor  # [B, L, D]
+    valid: torch.Tensor  # [B] bool: False where the sample could not be read (zeros stand in; its loss is 0)
+    faults: list[ShardError]  # why, for each invalid sample
+    position: tuple[int, int]  # (epoch, micro-batch within the epoch) of this micro-batch
 
 
 def resolve_shards(shards: str | list[str]) -> list[str]:
@@ -61,35 +68,17 @@ def resolve_shards(shards: str | list[str]) -> list[str]:
     return list(dict.fromkeys(found))  # drop repeats, keep order
 
 
-def raw_samples(shard: str) -> Iterator[dict]:
-    """webdataset's member dicts of one shard; a truncated, corrupt or unreadable tar becomes a ShardError."""
-    key = None
-    try:
-        for raw in wds.tarfile_samples([{"url": shard}]):
-            key = raw.get("__key__")
-            yield raw
-    except (tarfile.TarError, OSError, ValueError) as exc:  # truncated, corrupt, unreadable, duplicate keys
-        after = f" after sample {key!r}" if key else ""
-        raise ShardError(shard, None, f"cannot be read{after} ({exc})") from None
-
-
-def shard_samples(shard: str) -> Iterator[Sample]:
-    """The decoded samples of one shard; the first bad one raises a ShardError naming the shard and key."""
-    for raw in raw_samples(shard):
-        yield decode_sample(raw)
-
-
-def first_sample(shard: str) -> Sample:
-    """The first sample of a shard; used to check shapes against the model before any work starts."""
-    sample = next(shard_samples(shard), None)
-    if sample is None:
-        raise ShardError(shard, None, "holds no samples")
-    return sample
-
-
-def check_shards_fit(shards: list[str], shapes: ModelShapes, model_dir: Path) -> None:
-    shapes.check(first_sample(shards[0]))
-    check_latent_scale(shards, model_dir)
+def check_first_sample(shards: list[str], shapes: ModelShapes) -> None:
+    """Data packed for another model fails here, before any work, whatever data.on_error says: the first
+    readable sample must fit the model (single bad samples are the index's business)."""
+    for shard in shards:
+        try:
+            sample = next(shard_samples(shard), None)
+        except ShardError:
+            continue
+        if sample is not None:
+            shapes.check(shard, sample.key, tuple(sample.latents.shape), tuple(sample.prompt_embeds.shape))
+            return
 
 
 def check_latent_scale(shards: list[str], model_dir: Path) -> None:
@@ -110,92 +99,97 @@ def check_latent_scale(shards: list[str], model_dir: Path) -> None:
                             f"Repack them with data_tools/shard.py --model {model_dir}")
 
 
-def _buffer_shuffle(samples: Iterator[Sample], size: int, rng: random.Random) -> Iterator[Sample]:
-    if size <= 1:
-        yield from samples
-        return
-    buffer: list[Sample] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = sample
-    rng.shuffle(buffer)
-    yield from buffer
+class MicroBatches(Dataset):
+    """Micro-batch k of one rank; a pure function of (index, seed, micro batch, start, rank, world size)."""
 
+    def __init__(self, index: ShardIndex, *, seed: int, micro_batch_size: int, start: int, rank: int,
+                 world_size: int, shapes: ModelShapes):
+        self.index, self.seed, self.micro_batch_size = index, seed, micro_batch_size
+        self.start, self.rank, self.world_size = start, rank, world_size
+        self.prompt_shape = (shapes.text_len, shapes.text_dim)
+        counts: dict[tuple, int] = defaultdict(int)
+        for ref in index.samples:
+            counts[ref.shape] += 1
+        self.per_epoch = sum(n // micro_batch_size for n in counts.values())
+        if self.per_epoch == 0:
+            raise UserError(f"data.shards: no latent shape has data.micro_batch_size={micro_batch_size} samples "
+                            f"({dict(counts) or 'no usable samples'}); lower the micro batch size or add data")
+        self._plan: tuple[int, list[list[int]]] | None = None  # the current epoch's micro-batches, per worker
 
-def collate(samples: list[Sample]) -> Batch:
-    return Batch([s.key for s in samples], torch.stack([s.latents for s in samples]),
-                 torch.stack([s.prompt_embeds for s in samples]))
+    def epoch_plan(self, epoch: int) -> list[list[int]]:
+        """The epoch's micro-batches as sample ids: a seeded permutation, grouped by shape in that order."""
+        if self._plan is None or self._plan[0] != epoch:
+            n = len(self.index.samples)
+            order = random.Random(derive_seed(self.seed, DATA_ORDER, epoch)).sample(range(n), n)
+            buckets: dict[tuple, list[int]] = defaultdict(list)
+            plan = []
+            for i in order:
+                bucket = buckets[self.index.samples[i].shape]
+                bucket.append(i)
+                if len(bucket) == self.micro_batch_size:
+                    plan.append(bucket.copy())
+                    bucket.clear()
+            self._plan = (epoch, plan)
+        return self._plan[1]
 
+    def global_position(self, k: int) -> int:
+        return self.start + k * self.world_size + self.rank
 
-class ShardStream(IterableDataset):
-    def __init__(self, shards: list[str], *, rank: int, world_size: int, seed: int, micro_batch_size: int,
-                 shuffle_buffer: int, shapes: ModelShapes):
-        super().__init__()
-        self.shards, self.rank, self.world_size, self.seed = shards, rank, world_size, seed
-        self.micro_batch_size, self.shuffle_buffer, self.shapes = micro_batch_size, shuffle_buffer, shapes
+    def __getitem__(self, k: int) -> Batch:
+        epoch, j = divmod(self.global_position(k), self.per_epoch)
+        refs = [self.index.samples[i] for i in self.epoch_plan(epoch)[j]]
+        latents, prompts, valid, faults = [], [], [], []
+        for ref in refs:
+            try:
+                lat, prompt = self.read(ref)
+                valid.append(True)
+            except ShardError as exc:
+                faults.append(exc)
+                lat, prompt = torch.zeros(ref.shape), torch.zeros(self.prompt_shape)
+                valid.append(False)
+            latents.append(lat)
+            prompts.append(prompt)
+        return Batch([r.key for r in refs], [Path(self.index.shards[r.shard]).name for r in refs], torch.stack(latents), torch.stack(prompts), torch.tensor(valid),
+                     faults, (epoch, j))
 
-    def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[str]:
-        order = random.Random(derive_seed(self.seed, DATA_ORDER, epoch)).sample(self.shards, len(self.shards))
-        return order[self.rank :: self.world_size][worker::num_workers]
-
-    def samples(self, epoch: int, worker: int, num_workers: int) -> Iterator[Sample]:
-        mine = self.shards_for(epoch, worker, num_workers)
-        count = 0
-        for shard in mine:
-            for sample in shard_samples(shard):
-                self.shapes.check(sample)
-                count += 1
-                yield sample
-        if count == 0:  # an endless stream of empty epochs would never yield, and the other ranks would wait
-            raise ShardError(", ".join(mine), None, f"hold no samples (rank {self.rank}, loader worker {worker})")
-
-    def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        buckets: dict[tuple, list[Sample]] = defaultdict(list)
+    def read(self, ref: SampleRef) -> tuple[torch.Tensor, torch.Tensor]:
+        shard = self.index.shards[ref.shard]
         try:
-            for epoch in itertools.count():
-                rng = random.Random(derive_seed(self.seed, DATA_SHUFFLE, epoch, self.rank, worker))
-                for sample in _buffer_shuffle(self.samples(epoch, worker, num_workers), self.shuffle_buffer, rng):
-                    bucket = buckets[tuple(sample.latents.shape)]
-                    bucket.append(sample)
-                    if len(bucket) == self.micro_batch_size:
-                        yield collate(bucket)
-                        bucket.clear()
-        except ShardError as exc:
-            # Raised in a loader worker, it would reach the trainer as a RuntimeError wrapping the worker's
-            # traceback; handed over as a value, it is re-raised as itself by `batches`.
-            yield exc
+            with open(shard, "rb") as file:
+                latents = _tensor(file, ref.latents, "latents", shard, ref.key)
+                prompt = _tensor(file, ref.prompt_embeds, "prompt_embeds", shard, ref.key)
+        except OSError as exc:
+            raise ShardError(shard, ref.key, f"cannot be read ({exc})") from None
+        for name, tensor in (("latents", latents), ("prompt_embeds", prompt)):
+            if not torch.isfinite(tensor).all():
+                raise ShardError(shard, ref.key, f"{name} hold NaN or inf values")
+        if tuple(latents.shape) != ref.shape:
+            raise ShardError(shard, ref.key, f"latents changed shape since start-up: {list(latents.shape)}")
+        return latents, prompt
 
 
-def batches(loader: DataLoader | ShardStream) -> Iterator[Batch]:
-    """The batches of a loader (or a bare stream); a data error from any worker is raised here, in the trainer."""
-    for item in loader:
-        if isinstance(item, ShardError):
-            raise item
-        yield item
+def _tensor(file, extent: Extent, name: str, shard: str, key: str) -> torch.Tensor:
+    file.seek(extent.offset)
+    blob = file.read(extent.size)
+    try:
+        return st_load(blob)[name]
+    except (SafetensorError, KeyError, struct.error) as exc:
+        raise ShardError(shard, key, f"{name} cannot be decoded ({exc})") from None
 
 
-def loader_workers(num_shards: int, world_size: int, num_workers: int) -> int:
-    """Loader workers per rank: as asked, but no more than the rank's share of shards (each needs its own)."""
-    if num_shards < world_size:
-        raise UserError(f"data.shards: {num_shards} shard(s) for {world_size} ranks; every rank reads shards of "
-                        f"its own, so pack the data into at least {world_size} shards")
-    return min(num_workers, num_shards // world_size)
+class _Endless:
+    def __iter__(self) -> Iterator[int]:
+        k = 0
+        while True:
+            yield k
+            k += 1
 
 
-def build_loader(shards: list[str], *, rank: int, world_size: int, seed: int, micro_batch_size: int,
-                 shuffle_buffer: int, num_workers: int, shapes: ModelShapes, pin_memory: bool) -> DataLoader:
-    """num_workers: per rank, at most ``loader_workers`` allows (each worker needs a shard of its own)."""
-    stream = ShardStream(shards, rank=rank, world_size=world_size, seed=seed, micro_batch_size=micro_batch_size,
-                         shuffle_buffer=shuffle_buffer, shapes=shapes)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+def build_loader(dataset: MicroBatches, *, num_workers: int, pin_memory: bool) -> DataLoader:
+    """Workers fetch micro-batches k = 0, 1, 2, ... ahead of the trainer; DataLoader returns them in order."""
+    return DataLoader(dataset, batch_size=None, sampler=_Endless(), num_workers=num_workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if num_workers > 0 else None)
 
 
-__all__ = ["Batch", "ShardError", "ShardStream", "batches", "build_loader", "check_shards_fit", "loader_workers",
+__all__ = ["Batch", "MicroBatches", "ShardError", "build_loader", "check_first_sample", "check_latent_scale",
            "resolve_shards"]

@@ -59,8 +59,10 @@ def share_cpu_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
 
 
-def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
-    """All-reduce average; a sync point, so call it on log steps only."""
-    value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / dist.get_world_size()
+def sum_across_ranks(values: list) -> torch.Tensor:
+    """All-reduce sum of a few numbers (device tensors or Python numbers) as one float64 vector on the CPU.
+    A sync point: call it on log steps only."""
+    device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    vector = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    dist.all_reduce(vector, op=dist.ReduceOp.SUM)
+    return vector.cpu()

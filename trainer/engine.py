@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -109,11 +110,12 @@ def lr_multiplier(optim: OptimSection, max_steps: int) -> Callable[[int], float]
     return multiplier
 
 
-def init_distributed() -> None:
-    """Join the process group on the accelerator's backend (nccl on GPU, gloo on CPU)."""
+def init_distributed(timeout: timedelta) -> None:
+    """Join the process group on the accelerator's backend (nccl on GPU, gloo on CPU). A collective that
+    waits longer than ``timeout`` (a peer died or hangs) raises instead of blocking forever."""
     import deepspeed
 
-    deepspeed.init_distributed()
+    deepspeed.init_distributed(timeout=timeout)
 
 
 def build_engine(spec: RunSpec, module: nn.Module, config: dict):

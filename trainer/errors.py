@@ -1,9 +1,16 @@
-"""The one exception type for mistakes a user can fix (bad spec, missing files, mismatched data).
+"""The one exception type for mistakes a user can fix (bad spec, missing files, mismatched data), and the
+exit statuses of launch/train.py.
 
-The entrypoint prints its message and exits with EXIT_USER_ERROR instead of a traceback.
+    0   the run finished
+    2   a user error: the message names the spec field, file, shard or sample key
+    3   stopped after train.max_consecutive_nonfinite skipped steps in a row
+    75  preempted (SIGTERM/SIGUSR1): a checkpoint was saved; rerun the same command to resume
+    other non-zero: a crash, including a peer rank lost for longer than run.collective_timeout_s
 """
 
 EXIT_USER_ERROR = 2
+EXIT_NONFINITE = 3
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later
 
 
 class UserError(Exception):

@@ -1,4 +1,7 @@
-"""What a run reports: metrics.jsonl and TensorBoard under the run directory, a progress bar on rank 0."""
+"""What a run reports: metrics.jsonl, events.jsonl and TensorBoard under the run directory, progress on rank 0.
+
+A resumed run first cuts every log back to the checkpoint's step, so the steps it repeats are logged once.
+"""
 
 from __future__ import annotations
 
@@ -21,11 +24,15 @@ class Reporter:
         if not active:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "events.jsonl"):
+            truncate_jsonl(run_dir / name, start_step)
         self._jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)  # line-buffered: survives a crash
+        self._events = (run_dir / "events.jsonl").open("a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            # purge_step hides what a killed run logged after the checkpoint this run resumes from
+            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
@@ -36,6 +43,14 @@ class Reporter:
     def print(self, *args) -> None:
         if self.active:
             self.console.print(*args, soft_wrap=True)
+
+    def event(self, optimizer_step: int, event: str, message: str, **details) -> None:
+        """Something a user must see (skipped samples and steps, resume, preemption): console and events.jsonl."""
+        if not self.active:
+            return
+        self._events.write(json.dumps({"optimizer_step": optimizer_step, "event": event, "time": time.time(),
+                                       "message": message, **details}) + "\n")
+        self.console.print(f"[yellow]{event}[/yellow]: {message}", soft_wrap=True, markup=True, highlight=False)
 
     def advance(self, optimizer_step: int) -> None:
         if self._progress is not None:
@@ -52,8 +67,9 @@ class Reporter:
                     self._writer.add_scalar(f"train/{name}", value, optimizer_step)
         status = f"loss {values['loss']:.4f}  lr {values['lr']:.2e}  gnorm {values['grad_norm']:.3f}"
         self._progress.update(self._task, status=status)
-        self.print(f"step {optimizer_step:>7}  {status}  {values['samples_per_s']:.2f} samples/s"
-                           + (f"  skipped {values['skipped_steps']:.0f}" if values["skipped_steps"] else ""))
+        skipped = (f"  skipped {values['skipped_steps']:.0f}" if values["skipped_steps"] else "") + (
+            f"  data errors {values['data_errors']:.0f}" if values.get("data_errors") else "")
+        self.print(f"step {optimizer_step:>7}  {status}  {values['samples_per_s']:.2f} samples/s{skipped}")
 
     def close(self) -> None:
         if self._progress is not None:
@@ -62,3 +78,15 @@ class Reporter:
             self._writer.close()
         if self._jsonl is not None:
             self._jsonl.close()
+            self._events.close()
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the records of optimizer steps up to last_step (what a resumed run has not redone)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("optimizer_step", 0) <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)

@@ -16,7 +16,7 @@ from torch import nn
 
 from trainer.errors import UserError
 from trainer.rng import LORA_INIT, derive_seed
-from trainer.shard_format import Sample, ShardError
+from trainer.shard_format import ShardError
 from trainer.spec import LoraSection
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -69,18 +69,21 @@ class ModelShapes:
             )
         return cls(cfg["in_channels"], cfg["max_text_seq_length"], cfg["text_embed_dim"], cfg["patch_size"], source)
 
-    def check(self, sample: Sample) -> None:
-        c, _, h, w = sample.latents.shape
+    def check(self, shard: str, key: str, latents: tuple[int, ...], prompt_embeds: tuple[int, ...]) -> None:
+        """Raise a ShardError naming shard and key if a sample of these shapes cannot train this model."""
+        if len(latents) != 4:
+            raise ShardError(shard, key, f"latents have shape {list(latents)}, expected [C, F, H, W]")
+        c, _, h, w = latents
         if c != self.latent_channels:
-            raise ShardError(sample.shard, sample.key, f"latents have {c} channels but the model ({self.source}) "
+            raise ShardError(shard, key, f"latents have {c} channels but the model ({self.source}) "
                              f"expects in_channels={self.latent_channels}: were they encoded with this model's VAE?")
         if h % self.patch_size or w % self.patch_size:
-            raise ShardError(sample.shard, sample.key, f"latent height x width {h}x{w} is not divisible by the "
+            raise ShardError(shard, key, f"latent height x width {h}x{w} is not divisible by the "
                              f"model's patch_size {self.patch_size}")
         expected = (self.text_len, self.text_dim)
-        if tuple(sample.prompt_embeds.shape) != expected:
-            raise ShardError(sample.shard, sample.key, f"prompt embeddings are {list(sample.prompt_embeds.shape)} but "
-                             f"the model ({self.source}) expects {list(expected)} (max_text_seq_length, text_embed_dim)")
+        if tuple(prompt_embeds) != expected:
+            raise ShardError(shard, key, f"prompt embeddings are {list(prompt_embeds)} but the model "
+                             f"({self.source}) expects {list(expected)} (max_text_seq_length, text_embed_dim)")
 
 
 def lora_config(section: LoraSection):

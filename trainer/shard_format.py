@@ -4,18 +4,22 @@
     <key>.prompt_embeds.safetensors  {"prompt_embeds": [L, D]}   T5 last hidden state, padded to L (226 for CogVideoX)
     <key>.json                       {"caption", "source", "fps", "num_frames", "height", "width"}
 
-Writers (data_tools/) call ``encode_sample``; the trainer's reader calls ``decode_sample``.
+Writers (data_tools/) call ``encode_sample``; tools read whole shards with ``shard_samples``. The trainer reads
+samples by offset (trainer/shard_index.py, trainer/data.py).
 """
 
 from __future__ import annotations
 
 import json
+import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+import webdataset as wds
 
 from trainer.errors import UserError
 
@@ -93,3 +97,21 @@ def decode_sample(raw: dict) -> Sample:
         prompt_embeds=_tensor(raw, PROMPT_EMBEDS, "prompt_embeds", 2, shard, key),
         meta=meta,
     )
+
+
+def raw_samples(shard: str) -> Iterator[dict]:
+    """webdataset's member dicts of one shard; a truncated, corrupt or unreadable tar becomes a ShardError."""
+    key = None
+    try:
+        for raw in wds.tarfile_samples([{"url": shard}]):
+            key = raw.get("__key__")
+            yield raw
+    except (tarfile.TarError, OSError, ValueError) as exc:  # truncated, corrupt, unreadable, duplicate keys
+        after = f" after sample {key!r}" if key else ""
+        raise ShardError(shard, None, f"cannot be read{after} ({exc})") from None
+
+
+def shard_samples(shard: str) -> Iterator[Sample]:
+    """The decoded samples of one shard, in order; the first bad one raises a ShardError naming shard and key."""
+    for raw in raw_samples(shard):
+        yield decode_sample(raw)

@@ -25,6 +25,8 @@ class RunSection(_Section):
     # Everything the run writes (checkpoints, LoRA export, logs) goes here; default runs/<name>.
     output_dir: Path | None = None
     seed: int = Field(0, ge=0)
+    # A collective that waits longer than this (a rank died or hangs) stops every rank with an error.
+    collective_timeout_s: float = Field(300.0, gt=0)
 
     @property
     def dir(self) -> Path:
@@ -56,8 +58,9 @@ class DataSection(_Section):
     shards: str | list[str]
     micro_batch_size: int = Field(1, gt=0)
     num_workers: int = Field(2, ge=0)
-    # Samples held for the seeded in-stream shuffle (0: shard order only).
-    shuffle_buffer: int = Field(64, ge=0)
+    # A bad sample (truncated or corrupt shard, missing member, wrong shape or dtype, non-finite values):
+    # skip it with a warning naming shard and key, or stop the run naming them.
+    on_error: Literal["skip", "fail"] = "skip"
 
 
 class OptimSection(_Section):
@@ -84,6 +87,9 @@ class TrainSection(_Section):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     # stratified: each optimizer step's global batch covers [0, T) in equal strata (lower-variance loss).
     timestep_sampling: Literal["uniform", "stratified"] = "uniform"
+    # An optimizer step with a non-finite loss or gradient norm is skipped (weights untouched); this many
+    # in a row stop the run, keeping the last complete checkpoint.
+    max_consecutive_nonfinite: int = Field(5, gt=0)
 
 
 class DeepSpeedSection(_Section):
@@ -94,13 +100,20 @@ class DeepSpeedSection(_Section):
 
 
 class CheckpointSection(_Section):
-    every_steps: int = Field(500, ge=0)  # 0: no periodic checkpoints
+    every_steps: int = Field(500, ge=0)  # 0: no step-based checkpoints
+    # Also save when this many minutes passed since the last save (rank 0's clock decides); null: never.
+    every_minutes: float | None = Field(30.0, gt=0)
     keep_last: int = Field(2, gt=0)
+    # auto: continue from the newest complete checkpoint in the run directory, or start fresh if there is
+    # none; none: always start fresh (refused if the directory holds an earlier run); or a checkpoint path.
+    resume: str = Field("auto", min_length=1)
 
 
 class LoggingSection(_Section):
     every_steps: int = Field(10, gt=0)
     tensorboard: bool = True
+    # Each rank writes the shard and key of every sample it trains on to sample_keys/rank_NNNNN.jsonl.
+    sample_keys: bool = False
 
 
 class RunSpec(_Section):

@@ -1,0 +1,69 @@
+"""The run directory across restarts: may a run start here, may it continue, and the per-rank sample log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trainer.data import Batch
+from trainer.errors import UserError
+from trainer.metrics import truncate_jsonl
+from trainer.spec import RunSpec
+from trainer.state import TrainerState
+
+SAMPLE_LOG = "sample_keys"
+
+
+def check_fresh_start(spec: RunSpec) -> None:
+    """Starting from scratch must not overwrite what an earlier run produced."""
+    run_dir = spec.run.dir
+    if spec.checkpoint.resume == "none":
+        earlier = [p.name for p in (run_dir / "metrics.jsonl", run_dir / "lora") if p.exists()]
+        earlier += ["checkpoints"] if any((run_dir / "checkpoints").glob("step_*")) else []
+        if earlier:
+            raise UserError(f"run.output_dir: {run_dir} already holds an earlier run ({', '.join(earlier)}) and "
+                            f"checkpoint.resume is none; choose another run.output_dir (or run.name), delete it, "
+                            f"or resume it with checkpoint.resume: auto")
+    elif (run_dir / "lora").exists():
+        # auto found no complete checkpoint: logs alone are a run killed before its first save (start over),
+        # but an exported LoRA is a finished run that kept no checkpoint
+        raise UserError(f"run.output_dir: {run_dir} holds a finished run (lora/) without a complete checkpoint "
+                        f"to resume from; choose another run.output_dir (or run.name), or delete it")
+
+
+def resume_problems(saved: TrainerState, now: TrainerState, path: Path) -> str | None:
+    """Why this spec cannot continue the checkpoint's sample sequence exactly, or None."""
+    problems = []
+    if saved.micro_batch_size != now.micro_batch_size:
+        problems.append(f"data.micro_batch_size is {now.micro_batch_size}, the checkpoint's is {saved.micro_batch_size}")
+    if saved.seed != now.seed:
+        problems.append(f"run.seed is {now.seed}, the checkpoint's is {saved.seed}")
+    if saved.data_fingerprint != now.data_fingerprint:
+        problems.append("data.shards hold other samples (or shapes) than when it was saved")
+    if not problems:
+        return None
+    return (f"checkpoint.resume: {path} cannot continue with this spec: " + "; ".join(problems) +
+            ". Restore those settings, or start a new run (another run.output_dir).")
+
+
+class SampleLog:
+    """logging.sample_keys: each rank appends the samples of every micro-step to its own jsonl file."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        folder = run_dir / SAMPLE_LOG
+        folder.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+        self._file = (folder / f"rank_{rank:05d}.jsonl").open("a", buffering=1)
+
+    def write(self, optimizer_step: int, batches: list[Batch]) -> None:
+        for micro_step, batch in enumerate(batches):
+            self._file.write(json.dumps({
+                "optimizer_step": optimizer_step, "micro_step": micro_step, "rank": self.rank,
+                "samples": [f"{shard}:{key}" for shard, key in zip(batch.shards, batch.keys)],
+                "position": list(batch.position)}) + "\n")
+
+    @staticmethod
+    def truncate_all(run_dir: Path, last_step: int) -> None:
+        """Rank 0, before anyone appends: forget what a killed run logged after the resumed step."""
+        for path in sorted((run_dir / SAMPLE_LOG).glob("rank_*.jsonl")):
+            truncate_jsonl(path, last_step)

@@ -1,0 +1,147 @@
+"""An index of every usable sample: where its tensors lie in which shard, and their shapes.
+
+Built once at start-up from tar and safetensors headers only (no tensor data is read), so that the trainer
+can (1) read any sample by offset, which makes the data position a single number that survives a resume on
+any number of ranks, and (2) find truncated shards, missing members and wrong shapes or dtypes before the
+first step instead of mid-run. Non-finite values can only be found by reading the data; the loader does that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+from trainer.model import ModelShapes
+from trainer.shard_format import LATENTS, MEMBERS, PROMPT_EMBEDS, ShardError
+
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+_KEY_AND_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's split: key up to the first dot
+
+
+class Extent(NamedTuple):
+    offset: int  # byte offset of the member's data in the tar file
+    size: int
+
+
+class SampleRef(NamedTuple):
+    shard: int  # position in the run's shard list
+    key: str
+    latents: Extent
+    prompt_embeds: Extent
+    shape: tuple[int, ...]  # latent shape [C, F, H, W]: samples of one shape share micro-batches
+
+
+def _header(file, extent: Extent, shard: str, key: str, member: str, name: str) -> tuple[tuple[int, ...], str]:
+    """Shape and dtype of the one tensor in a safetensors member, from its JSON header."""
+    file.seek(extent.offset)
+    head = file.read(8)
+    if len(head) < 8:
+        raise ShardError(shard, key, f"{member} is truncated")
+    (length,) = struct.unpack("<Q", head)
+    if length > extent.size - 8:
+        raise ShardError(shard, key, f"{member} is not a valid safetensors blob (header length {length})")
+    try:
+        header = json.loads(file.read(length))
+        info = header[name]
+        shape, dtype, (start, end) = tuple(int(d) for d in info["shape"]), info["dtype"], info["data_offsets"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        raise ShardError(shard, key, f"{member} is not a valid safetensors blob holding {name!r}") from None
+    if 8 + length + end > extent.size or end < start:
+        raise ShardError(shard, key, f"{member} is truncated")
+    if dtype not in FLOAT_DTYPES:
+        raise ShardError(shard, key, f"{name} has dtype {dtype}, expected one of {sorted(FLOAT_DTYPES)}")
+    return shape, dtype
+
+
+def _member_groups(path: str) -> Iterator[tuple[str, dict[str, Extent]]]:
+    """(key, {member: extent}) for each group of consecutive members sharing a key, in tar order."""
+    size = Path(path).stat().st_size
+    key, members = None, {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                match = _KEY_AND_MEMBER.match(info.name) if info.isfile() else None
+                if match is None:
+                    continue
+                if match.group(1) != key:
+                    if key is not None:
+                        yield key, members
+                    key, members = match.group(1), {}
+                if info.offset_data + info.size > size:
+                    raise ShardError(path, key, f"is truncated in member {info.name!r}")
+                members[match.group(2)] = Extent(info.offset_data, info.size)
+    except (tarfile.TarError, OSError) as exc:
+        after = f" after sample {key!r}" if key else ""
+        raise ShardError(path, None, f"cannot be read{after} ({exc})") from None
+    if key is not None:
+        yield key, members
+
+
+def index_shard(path: str, shard_id: int, shapes: ModelShapes) -> tuple[list[SampleRef], list[ShardError]]:
+    """The usable samples of one shard and the problems found. A tar that breaks off keeps the complete
+    samples before the break; a group whose members are truncated, missing or mis-shaped is left out."""
+    refs: list[SampleRef] = []
+    faults: list[ShardError] = []
+    groups = _member_groups(path)
+    with open(path, "rb") as file:
+        while True:
+            try:
+                item = next(groups, None)
+            except ShardError as exc:
+                faults.append(exc)
+                break
+            if item is None:
+                break
+            key, members = item
+            try:
+                missing = [m for m in MEMBERS if m not in members]
+                if missing:
+                    raise ShardError(path, key, f"missing member(s) {missing}")
+                latents, _ = _header(file, members[LATENTS], path, key, LATENTS, "latents")
+                prompt, _ = _header(file, members[PROMPT_EMBEDS], path, key, PROMPT_EMBEDS, "prompt_embeds")
+                shapes.check(path, key, latents, prompt)
+            except ShardError as exc:
+                faults.append(exc)
+                continue
+            refs.append(SampleRef(shard_id, key, members[LATENTS], members[PROMPT_EMBEDS], latents))
+    if not refs and not faults:
+        faults.append(ShardError(path, None, "holds no samples"))
+    return refs, faults
+
+
+class ShardIndex(NamedTuple):
+    shards: list[str]
+    samples: list[SampleRef]
+    faults: list[ShardError]  # what was left out, in shard order
+
+    @classmethod
+    def merge(cls, shards: list[str], parts: list[tuple[list[SampleRef], list[ShardError]]]) -> ShardIndex:
+        """Join per-shard results given in any order; samples end in shard order, then tar order."""
+        samples = sorted((r for refs, _ in parts for r in refs), key=lambda r: (r.shard, r.latents.offset))
+        faults = [f for _, found in parts for f in found]
+        position = {path: i for i, path in enumerate(shards)}
+        faults.sort(key=lambda f: position.get(f.shard, len(shards)))
+        return cls(shards, samples, faults)
+
+    def fingerprint(self) -> str:
+        """Changes when the shards, their samples or their shapes change: a resume then cannot continue the
+        same sample order, and says so instead of silently training on a different sequence."""
+        digest = hashlib.sha256()
+        for ref in self.samples:
+            digest.update(f"{Path(self.shards[ref.shard]).name}/{ref.key}/{ref.shape}\n".encode())
+        return digest.hexdigest()[:16]
+
+
+def build_index(shards: list[str], shapes: ModelShapes, rank: int = 0, world_size: int = 1, gather=None) -> ShardIndex:
+    """Each rank reads the headers of every world_size-th shard; ``gather`` (all_gather_object) joins them."""
+    mine = [(i, path) for i, path in enumerate(shards) if i % world_size == rank]
+    parts = [index_shard(path, i, shapes) for i, path in mine]
+    if gather is not None:
+        parts = [part for ranks_parts in gather(parts) for part in ranks_parts]
+    return ShardIndex.merge(shards, parts)
