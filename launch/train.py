@@ -13,13 +13,14 @@ Exit statuses: trainer/errors.py.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
 from trainer.distributed import ensure_process_env, env_rank  # noqa: E402
-from trainer.errors import EXIT_USER_ERROR, UserError  # noqa: E402
+from trainer.errors import EXIT_LOST_PEER, EXIT_USER_ERROR, UserError  # noqa: E402
 from trainer.faults import Stopped  # noqa: E402
 
 
@@ -31,6 +32,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def lost_peer(exc: RuntimeError) -> bool:
+    """A failed collective (gloo or NCCL) rather than a bug: torch raises DistError subclasses for most, but
+    gloo's transport errors arrive as plain RuntimeErrors."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return dist.is_initialized() and (isinstance(exc, dist.DistError) or any(
+        marker in text for marker in ("Connection closed by peer", "Timed out waiting", "Connection reset by peer",
+                                      "NCCL communicator was aborted", "Watchdog caught collective operation timeout")))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(exc, file=sys.stderr)
         return exc.exit_code
+    except RuntimeError as exc:
+        if not lost_peer(exc):
+            raise
+        # A collective failed: a peer died, or hung past run.collective_timeout_s. Tearing down the process
+        # group could wait on that peer again, so leave now; the last complete checkpoint is intact.
+        print(f"error [rank {dist.get_rank()}]: lost contact with another rank ({str(exc).splitlines()[0][:300]}); "
+              f"stopping. Rerun the same command to resume from the last complete checkpoint.", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(EXIT_LOST_PEER)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -33,6 +33,14 @@ def shards_5b(tiny_5b, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shards_10(tiny_5b, tmp_path_factory) -> Path:
+    """Ten samples in five shards: an epoch is 2.5 optimizer steps of 2 ranks x 2 micro-batches."""
+    out = tmp_path_factory.mktemp("shards") / "tiny-5b-10"
+    write_synthetic_shards(tiny_5b, out, samples=10, samples_per_shard=2)
+    return out
+
+
+@pytest.fixture(scope="session")
 def shards_2b(tiny_2b, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "tiny-2b"
     write_synthetic_shards(tiny_2b, out, samples=4, samples_per_shard=1)

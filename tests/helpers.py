@@ -55,3 +55,27 @@ def run_train(spec: Path, *, ranks: int | None = None, overrides: tuple[str, ...
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def rewrite_shards(src: Path, dst: Path, edit) -> list[Path]:
+    """Copy a directory of shards sample by sample; ``edit(shard_index, key, members)`` returns the members to
+    write (changed or not) or None to leave the sample out. Keys and order are kept."""
+    import webdataset as wds
+
+    from trainer.shard_format import raw_samples
+
+    dst.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, shard in enumerate(sorted(src.glob("*.tar"))):
+        with wds.TarWriter(str(dst / shard.name), encoder=False) as sink:
+            for raw in raw_samples(str(shard)):
+                members = {k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"}
+                members = edit(i, raw["__key__"], members)
+                if members is not None:
+                    sink.write(members)
+        out.append(dst / shard.name)
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

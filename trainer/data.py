@@ -15,9 +15,11 @@ import glob
 import json
 import math
 import random
+import signal
 import struct
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -149,7 +151,8 @@ class MicroBatches(Dataset):
                 valid.append(False)
             latents.append(lat)
             prompts.append(prompt)
-        return Batch([r.key for r in refs], [Path(self.index.shards[r.shard]).name for r in refs], torch.stack(latents), torch.stack(prompts), torch.tensor(valid),
+        names = [Path(self.index.shards[r.shard]).name for r in refs]
+        return Batch([r.key for r in refs], names, torch.stack(latents), torch.stack(prompts), torch.tensor(valid),
                      faults, (epoch, j))
 
     def read(self, ref: SampleRef) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,11 +188,33 @@ class _Endless:
             k += 1
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """SLURM signals every process of a task, loader workers included. torch's workers die on SIGTERM, and the
+    trainer would then fail before its preemption save; the trainer alone acts on these signals, and the
+    workers exit when it does."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextmanager
+def streaming(loader: DataLoader) -> Iterator[Batch]:
+    """Iterate a loader and stop its workers on the way out, also on an exception. The workers ignore SIGTERM
+    (_ignore_stop_signals), so the SIGTERM that multiprocessing sends at interpreter exit would not end them:
+    they are told to stop through their queues instead."""
+    stream = iter(loader)
+    try:
+        yield stream
+    finally:
+        shutdown = getattr(stream, "_shutdown_workers", None)  # torch's own orderly shutdown of the workers
+        if shutdown is not None:
+            shutdown()
+
+
 def build_loader(dataset: MicroBatches, *, num_workers: int, pin_memory: bool) -> DataLoader:
     """Workers fetch micro-batches k = 0, 1, 2, ... ahead of the trainer; DataLoader returns them in order."""
     return DataLoader(dataset, batch_size=None, sampler=_Endless(), num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers > 0 else None)
+                      prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_ignore_stop_signals)
 
 
 __all__ = ["Batch", "MicroBatches", "ShardError", "build_loader", "check_first_sample", "check_latent_scale",
-           "resolve_shards"]
+           "resolve_shards", "streaming"]

@@ -4,12 +4,14 @@ exit statuses of launch/train.py.
     0   the run finished
     2   a user error: the message names the spec field, file, shard or sample key
     3   stopped after train.max_consecutive_nonfinite skipped steps in a row
+    4   lost contact with another rank (it died, or hung longer than run.collective_timeout_s)
     75  preempted (SIGTERM/SIGUSR1): a checkpoint was saved; rerun the same command to resume
-    other non-zero: a crash, including a peer rank lost for longer than run.collective_timeout_s
+    other non-zero: a crash
 """
 
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
+EXIT_LOST_PEER = 4
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later
 
 

@@ -8,13 +8,17 @@ step, not per micro-step.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
+from trainer.errors import EXIT_LOST_PEER, EXIT_NONFINITE, EXIT_PREEMPTED
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -66,3 +70,33 @@ def too_many_nonfinite(count: int, last_step: int, checkpoint) -> Stopped:
     return Stopped(EXIT_NONFINITE, f"{count} optimizer steps in a row (up to step {last_step}) had a non-finite loss "
                    f"or gradient norm and were skipped; stopping ({where}). Lower optim.lr, check the data with "
                    f"data_tools/inspect.py, or raise train.max_consecutive_nonfinite.")
+
+
+class Watchdog:
+    """The backstop for a hang the collective backend does not time out: a peer that is stopped rather than
+    dead left gloo waiting in an all-reduce well past its timeout (measured here), and a stuck data loader or
+    filesystem has no timeout at all. If the training thread reports no progress for ``timeout_s``, this
+    thread says so and ends the process, so the launcher (or SLURM) sees a failure instead of a silent hang.
+    """
+
+    def __init__(self, timeout_s: float, rank: int):
+        self.timeout_s, self.rank = timeout_s, rank
+        self._last, self._what = time.monotonic(), "start-up"
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="trainer-watchdog", daemon=True)
+        self._thread.start()
+
+    def progress(self, what: str) -> None:
+        self._last, self._what = time.monotonic(), what
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(min(5.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout_s:
+                print(f"error [rank {self.rank}]: lost contact with another rank: no progress for {idle:.0f} s "
+                      f"since {self._what} (run.collective_timeout_s={self.timeout_s:g}); stopping. Rerun the same "
+                      f"command to resume from the last complete checkpoint.", file=sys.stderr, flush=True)
+                os._exit(EXIT_LOST_PEER)

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -21,13 +22,14 @@ import torch
 import torch.distributed as dist
 
 from trainer.checkpoint import Checkpointer, ensure_universal, load_checkpoint, read_marker, resume_point
-from trainer.data import Batch, MicroBatches, build_loader, check_first_sample, check_latent_scale, resolve_shards
+from trainer.data import (Batch, MicroBatches, build_loader, check_first_sample, check_latent_scale, resolve_shards,
+                          streaming)
 from trainer.diffusion import Objective, TimestepSampler
 from trainer.distributed import env_world_size, share_cpu_threads, sum_across_ranks
 from trainer.engine import COMPUTE_DTYPES, assemble_config, build_engine, init_distributed
 from trainer.errors import UserError
 from trainer.export import export_lora
-from trainer.faults import StopSignals, decide, preempted, too_many_nonfinite
+from trainer.faults import StopSignals, Watchdog, decide, preempted, too_many_nonfinite
 from trainer.metrics import Reporter
 from trainer.model import ModelShapes, VideoTransformer, check_lora_targets, resolve_model_dir
 from trainer.rng import NOISE, derive_seed
@@ -82,6 +84,7 @@ class Run:
     noise: torch.Generator
     dtype: torch.dtype
     rank: int
+    heartbeat: Callable[[str], None] = lambda what: None  # tells the watchdog the run is alive
 
 
 @dataclass
@@ -112,6 +115,7 @@ def train_step(run: Run, stream, optimizer_step: int) -> StepOutput:
         loss = torch.where(batch.valid.to(device, non_blocking=True), per_sample, 0.0).mean()
         engine.backward(loss)
         engine.step()  # applies the clipped update only at the accumulation boundary
+        run.heartbeat(f"micro-step {micro_step} of optimizer step {optimizer_step}")
         out.loss += loss.detach() / accumulation
         out.micro_losses.append(loss.detach())
         out.batches.append(batch)
@@ -215,7 +219,7 @@ def train(spec: RunSpec) -> Path | None:
     describe(run, plan, index, state, reporter)
     dataset = MicroBatches(index, seed=spec.run.seed, micro_batch_size=spec.data.micro_batch_size,
                            start=state.micro_batches_consumed, rank=rank, world_size=world_size, shapes=plan.shapes)
-    stream = iter(build_loader(dataset, num_workers=spec.data.num_workers, pin_memory=engine.device.type == "cuda"))
+    loader = build_loader(dataset, num_workers=spec.data.num_workers, pin_memory=engine.device.type == "cuda")
     samples = SampleLog(run_dir, rank) if spec.logging.sample_keys else None
     checkpointer = Checkpointer(run_dir / "checkpoints", spec.checkpoint.keep_last)
     last_checkpoint, last_save = plan.resume_from, time.monotonic()
@@ -223,55 +227,66 @@ def train(spec: RunSpec) -> Path | None:
 
     interval_loss, interval_steps, started = torch.zeros((), device=engine.device), 0, time.perf_counter()
     interval_taken, local_errors, last_loss = 0, 0, float("nan")
-    for optimizer_step in range(state.optimizer_step + 1, spec.train.max_steps + 1):
-        lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on inside the step
-        out = train_step(run, stream, optimizer_step)
-        state.optimizer_step, state.micro_step = optimizer_step, state.micro_step + accumulation
-        state.samples_seen += engine.train_batch_size()
-        local_errors += len(out.faults)
-        interval_taken += 1
-        if samples is not None:
-            samples.write(optimizer_step, out.batches)
-        if engine.was_step_applied():  # DeepSpeed skips an update whose gradients are not finite
-            state.consecutive_nonfinite = 0
-            interval_loss += out.loss
-            interval_steps += 1
-        elif nonfinite_step(run, out, optimizer_step, reporter):
-            state.nonfinite_steps += 1
-            state.consecutive_nonfinite += 1
-            if state.consecutive_nonfinite >= spec.train.max_consecutive_nonfinite:
+    watchdog = Watchdog(spec.run.collective_timeout_s, rank)
+    run.heartbeat = watchdog.progress
+    with streaming(loader) as stream:
+        for optimizer_step in range(state.optimizer_step + 1, spec.train.max_steps + 1):
+            lr = engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on inside the step
+            out = train_step(run, stream, optimizer_step)
+            state.optimizer_step, state.micro_step = optimizer_step, state.micro_step + accumulation
+            state.samples_seen += engine.train_batch_size()
+            local_errors += len(out.faults)
+            interval_taken += 1
+            if samples is not None:
+                samples.write(optimizer_step, out.batches)
+            if engine.was_step_applied():  # DeepSpeed skips an update whose gradients are not finite
+                state.consecutive_nonfinite = 0
+                interval_loss += out.loss
+                interval_steps += 1
+            elif nonfinite_step(run, out, optimizer_step, reporter):
+                state.nonfinite_steps += 1
+                state.consecutive_nonfinite += 1
+            give_up = state.consecutive_nonfinite >= spec.train.max_consecutive_nonfinite  # the same on every rank
+            time_due = every_minutes is not None and time.monotonic() - last_save >= 60 * every_minutes
+            decision = decide(engine.device, signals.received is not None, time_due, bool(out.faults))
+            if decision.data_faults:
+                report_data_faults(out.faults, optimizer_step, reporter)
+            reporter.advance(optimizer_step)
+
+            last = optimizer_step == spec.train.max_steps
+            if optimizer_step % spec.logging.every_steps == 0 or last or decision.stop or give_up:
+                loss_sum, steps, errors = sum_across_ranks([interval_loss, interval_steps, local_errors]).tolist()
+                state.data_errors += int(errors)
+                last_loss = loss_sum / steps if steps else float("nan")
+                elapsed = time.perf_counter() - started
+                reporter.log(optimizer_step, {
+                    "loss": last_loss, "grad_norm": float(engine.get_global_grad_norm() or 0.0), "lr": lr,
+                    "samples_per_s": interval_taken * engine.train_batch_size() / elapsed,
+                    "samples_seen": state.samples_seen, "skipped_steps": state.nonfinite_steps,
+                    "data_errors": state.data_errors})
+                interval_loss.zero_()
+                interval_steps, interval_taken, local_errors, started = 0, 0, 0, time.perf_counter()
+            if give_up:
+                reporter.close()
                 raise too_many_nonfinite(state.consecutive_nonfinite, optimizer_step, last_checkpoint)
-        time_due = every_minutes is not None and time.monotonic() - last_save >= 60 * every_minutes
-        decision = decide(engine.device, signals.received is not None, time_due, bool(out.faults))
-        if decision.data_faults:
-            report_data_faults(out.faults, optimizer_step, reporter)
-        reporter.advance(optimizer_step)
 
-        last = optimizer_step == spec.train.max_steps
-        if optimizer_step % spec.logging.every_steps == 0 or last or decision.stop:
-            loss_sum, steps, errors = sum_across_ranks([interval_loss, interval_steps, local_errors]).tolist()
-            state.data_errors += int(errors)
-            last_loss = loss_sum / steps if steps else float("nan")
-            elapsed = time.perf_counter() - started
-            reporter.log(optimizer_step, {
-                "loss": last_loss, "grad_norm": float(engine.get_global_grad_norm() or 0.0), "lr": lr,
-                "samples_per_s": interval_taken * engine.train_batch_size() / elapsed,
-                "samples_seen": state.samples_seen, "skipped_steps": state.nonfinite_steps,
-                "data_errors": state.data_errors})
-            interval_loss.zero_()
-            interval_steps, interval_taken, local_errors, started = 0, 0, 0, time.perf_counter()
+            # no periodic save in a streak of skipped steps: the last good checkpoint stays the newest
+            periodic = decision.save_due_to_time or (every_steps and optimizer_step % every_steps == 0)
+            periodic = periodic and not state.consecutive_nonfinite
+            if decision.stop or periodic or (last and (every_steps or every_minutes)):
+                position = divmod(state.micro_batches_consumed + rank, dataset.per_epoch)  # this rank's next
+                watchdog.progress(f"the checkpoint save of optimizer step {optimizer_step}")
+                last_checkpoint = checkpointer.save(engine, state, {"next_epoch_and_micro_batch": list(position)})
+                watchdog.progress(f"the checkpoint save of optimizer step {optimizer_step}")
+                last_save = time.monotonic()
+                reporter.event(optimizer_step, "checkpoint", f"saved {last_checkpoint}")
+            if decision.stop:
+                reporter.close()
+                raise preempted(signals.received, optimizer_step, last_checkpoint)
 
-        if decision.stop or decision.save_due_to_time or (every_steps and optimizer_step % every_steps == 0) or (
-                last and (every_steps or every_minutes)):
-            position = divmod(state.micro_batches_consumed + rank, dataset.per_epoch)  # this rank's next
-            last_checkpoint = checkpointer.save(engine, state, {"next_epoch_and_micro_batch": list(position)})
-            last_save = time.monotonic()
-            reporter.event(optimizer_step, "checkpoint", f"saved {last_checkpoint}")
-        if decision.stop:
-            reporter.close()
-            raise preempted(signals.received, optimizer_step, last_checkpoint)
-
+    watchdog.progress("the LoRA export")
     lora_file = export_lora(run.model, run_dir / "lora", spec.to_yaml())
+    watchdog.stop()
     reporter.close()
     if lora_file is not None:
         reporter.print(f"done: {spec.train.max_steps} optimizer steps, final loss {last_loss:.4f}\n"

@@ -1,0 +1,210 @@
+"""A run interrupted anywhere ends bit-identical to one that never was (real DeepSpeed ranks, real signals).
+
+Every run here is examples/tiny.yaml on 2 ranks under the deepspeed launcher: 8 optimizer steps, a checkpoint
+every 4, each step logged. The uninterrupted run of each ZeRO stage is the reference; interrupted runs are
+SIGKILLed at a random point after step 4's checkpoint, stopped by SIGTERM at a step that is not a checkpoint
+step, or killed inside a checkpoint save, and then rerun with the same command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import REPO, read_metrics, run_train, train_env, zero_config
+from trainer.distributed import free_port
+from trainer.errors import EXIT_PREEMPTED
+
+pytestmark = pytest.mark.slow
+STEPS, EVERY = 8, 4
+
+
+def overrides(tiny_5b, shards, run_dir: Path, config: Path, *extra: str) -> tuple[str, ...]:
+    return (f"model.path={tiny_5b}", f"data.shards={shards}", f"run.output_dir={run_dir}",
+            f"deepspeed.config={config}", f"train.max_steps={STEPS}", f"checkpoint.every_steps={EVERY}",
+            "checkpoint.every_minutes=null", "logging.every_steps=1", "logging.sample_keys=true",
+            "optim.warmup_steps=2", *extra)
+
+
+def launch(args: tuple[str, ...], ranks: int = 2, script: str = "launch/train.py") -> subprocess.Popen:
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), script,
+           "--spec", "examples/tiny.yaml", *[a for o in args for a in ("--set", o)]]
+    return subprocess.Popen(cmd, cwd=REPO, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def rank_processes(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The trainer processes under the deepspeed launcher (runner -> launch.py -> one per rank), with their
+    loader workers: SLURM signals every process of a task."""
+    return [p for p in psutil.Process(proc.pid).children(recursive=True)
+            if any(a.startswith("--local_rank") for a in p.cmdline())]
+
+
+def lora(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    ours, theirs = lora(run_dir), lora(reference)
+    assert ours.keys() == theirs.keys()
+    different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not different, f"{len(different)} LoRA tensors differ, e.g. {different[:2]}"
+    losses = [(m["optimizer_step"], m["loss"]) for m in read_metrics(run_dir)]
+    assert losses == [(m["optimizer_step"], m["loss"]) for m in read_metrics(reference)]  # every step, once
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def reference(request, tiny_5b, shards_10, tmp_path_factory):
+    """The uninterrupted run of one ZeRO stage."""
+    root = tmp_path_factory.mktemp(f"zero{request.param}")
+    config = zero_config(root, request.param)
+    run_dir = root / "reference"
+    proc = run_train(REPO / "examples" / "tiny.yaml", ranks=2, overrides=overrides(tiny_5b, shards_10, run_dir, config))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return request.param, config, run_dir
+
+
+def test_sigkill_at_a_random_point_after_a_checkpoint_then_resume(reference, tiny_5b, shards_10, tmp_path):
+    stage, config, ref_dir = reference
+    run_dir, args = tmp_path / "run", overrides(tiny_5b, shards_10, tmp_path / "run", config)
+    more = random.Random(os.getpid()).randrange(0, 3)  # steps to let pass after step 4's checkpoint
+    proc, seen, countdown = launch(args), [], None
+    for line in proc.stdout:
+        seen.append(line)
+        if "checkpoint: saved" in line and "step_00000004" in line:
+            countdown = more
+        elif countdown is not None and line.startswith("step "):
+            countdown -= 1
+        if countdown is not None and countdown < 0 or countdown == 0 and more == 0:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, no chance to clean up
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    assert not (run_dir / "lora").exists()
+    resumed = run_train(REPO / "examples" / "tiny.yaml", ranks=2, overrides=args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed: from" in resumed.stderr and "step_00000004" in resumed.stderr
+    assert_same_run(run_dir, ref_dir)
+
+
+def test_sigterm_saves_at_the_step_it_arrives_and_the_rerun_finishes_equal(reference, tiny_5b, shards_10, tmp_path):
+    stage, config, ref_dir = reference
+    run_dir, args = tmp_path / "run", overrides(tiny_5b, shards_10, tmp_path / "run", config)
+    proc, seen = launch(args), []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step       5"):  # SLURM signals every process of the job step; so do we
+            for rank in rank_processes(proc):
+                rank.send_signal(signal.SIGTERM)
+            break
+    seen += proc.stdout.readlines()
+    proc.wait()
+    output = "".join(seen)
+    assert proc.returncode == EXIT_PREEMPTED, output
+    saved = [p for p in (run_dir / "checkpoints").glob("step_*") if (p / "complete.json").is_file()]
+    stopped_at = max(int(p.name.removeprefix("step_")) for p in saved)
+    assert 5 <= stopped_at < STEPS and stopped_at % EVERY, output  # a step no schedule would have saved
+    assert f"stopped by SIGTERM after optimizer step {stopped_at}" in output
+    marker = json.loads((run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "complete.json").read_text())
+    assert marker["optimizer_step"] == stopped_at and marker["samples_seen"] == stopped_at * 4
+    resumed = run_train(REPO / "examples" / "tiny.yaml", ranks=2, overrides=args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(run_dir, ref_dir)
+
+
+def test_killed_inside_a_checkpoint_save_resumes_from_the_one_before(reference, tiny_5b, shards_10, tmp_path):
+    """Rank 1 dies after DeepSpeed wrote step 8's files and before the marker: step 8 must be ignored."""
+    stage, config, ref_dir = reference
+    if stage == 3:
+        pytest.skip("one stage is enough for the save path; ZeRO-3's files are covered by the other tests")
+    run_dir, args = tmp_path / "run", overrides(tiny_5b, shards_10, tmp_path / "run", config)
+    crash = launch(args, script="tests/crash_in_save.py")
+    output = crash.communicate()[0]
+    assert crash.returncode != 0, output
+    step8 = run_dir / "checkpoints" / "step_00000008"
+    assert any(step8.glob("*.pt")) and not (step8 / "complete.json").exists(), output
+    assert (run_dir / "checkpoints" / "step_00000004" / "complete.json").is_file()
+    resumed = run_train(REPO / "examples" / "tiny.yaml", ranks=2, overrides=args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed: from" in resumed.stderr and "step_00000004" in resumed.stderr
+    assert_same_run(run_dir, ref_dir)
+    complete = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert complete == ["step_00000004", "step_00000008"]
+    assert (run_dir / "checkpoints" / "step_00000008" / "complete.json").is_file()
+
+
+def sample_log(run_dir: Path) -> dict[int, list[dict]]:
+    """Every micro-step the run trained, by optimizer step, from all ranks' sample logs."""
+    steps: dict[int, list[dict]] = {}
+    for path in sorted((run_dir / "sample_keys").glob("rank_*.jsonl")):
+        for record in map(json.loads, path.read_text().splitlines()):
+            steps.setdefault(record["optimizer_step"], []).append(record)
+    return steps
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank_and_back(tiny_5b, shards_10, tmp_path):
+    """2 ranks x 2 micro-steps, then 1 rank x 4, then 2 ranks x 2 again: 4 samples per optimizer step all along.
+    The global micro-batch sequence goes on where samples seen says, across both switches."""
+    from trainer.data import MicroBatches
+    from trainer.model import ModelShapes
+    from trainer.shard_index import build_index
+
+    run_dir, config = tmp_path / "run", zero_config(tmp_path, 2)
+
+    def leg(ranks: int, accumulation: int, steps: int) -> subprocess.CompletedProcess:
+        args = overrides(tiny_5b, shards_10, run_dir, config, f"train.max_steps={steps}", "optim.schedule=constant",
+                         f"train.gradient_accumulation_steps={accumulation}")
+        return run_train(REPO / "examples" / "tiny.yaml", ranks=ranks, overrides=args)
+
+    first = leg(2, 2, 4)
+    assert first.returncode == 0, first.stderr[-3000:]
+    exported = lora(run_dir)
+    same = leg(1, 4, 4)  # resume at the end on 1 rank: the universal checkpoint holds exactly the saved weights
+    assert same.returncode == 0 and "universal checkpoint" in same.stderr, same.stderr[-3000:]
+    assert all(torch.equal(exported[k], lora(run_dir)[k]) for k in exported)
+    assert (run_dir / "checkpoints" / "universal" / "step_00000004" / "complete.json").is_file()
+    for ranks, accumulation, steps in ((1, 4, 7), (2, 2, 9)):
+        proc = leg(ranks, accumulation, steps)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    shapes = ModelShapes.from_model_dir(tiny_5b)
+    data = MicroBatches(build_index(sorted(map(str, shards_10.glob("*.tar"))), shapes), seed=0, micro_batch_size=1,
+                        start=0, rank=0, world_size=1, shapes=shapes)
+    log = sample_log(run_dir)
+    assert sorted(log) == list(range(1, 10))
+    for step, records in log.items():
+        assert len(records) == 4  # micro-steps of all ranks
+        ranks = {r["rank"] for r in records}
+        assert ranks == ({0} if 5 <= step <= 7 else {0, 1}), (step, ranks)
+        expected = range((step - 1) * 4, step * 4)  # global micro-batches of this optimizer step
+        got = sorted(r["position"][0] * data.per_epoch + r["position"][1] for r in records)
+        assert got == list(expected), (step, got)
+        for record in records:
+            g = record["position"][0] * data.per_epoch + record["position"][1]
+            assert [s.split(":")[1] for s in record["samples"]] == data[g].keys
+    metrics = read_metrics(run_dir)
+    assert [m["samples_seen"] for m in metrics] == [4 * s for s in range(1, 10)]
+    assert all(m["loss"] == m["loss"] for m in metrics)  # finite after each switch
+
+
+def test_time_based_checkpoints(tiny_5b, shards_10, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(REPO / "examples" / "tiny.yaml", overrides=(
+        f"model.path={tiny_5b}", f"data.shards={shards_10}", f"run.output_dir={run_dir}", "train.max_steps=3",
+        "optim.warmup_steps=1", "checkpoint.every_steps=0", "checkpoint.every_minutes=0.0001", "checkpoint.keep_last=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = [e["optimizer_step"] for e in map(json.loads, (run_dir / "events.jsonl").read_text().splitlines())
+             if e["event"] == "checkpoint"]
+    assert saved == [1, 2, 3]  # every step takes longer than 6 ms
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000003"]
