@@ -21,7 +21,8 @@ def good_spec(tiny_5b, shards_5b, tmp_path) -> dict:
             "data": {"shards": str(shards_5b), "num_workers": 0}, "train": {"max_steps": 2}}
 
 
-def fails_with(tmp_path: Path, spec: dict, *expected: str, overrides=(), ranks=None, env=None) -> str:
+def fails_with(tmp_path: Path, spec: dict, *expected: str, overrides=(), ranks=None, env=None,
+               check_no_run_dir=True) -> str:
     proc = run_train(write_spec(tmp_path / "run.yaml", spec), ranks=ranks, overrides=overrides, env=env)
     assert proc.returncode != 0
     if ranks is None:
@@ -31,7 +32,8 @@ def fails_with(tmp_path: Path, spec: dict, *expected: str, overrides=(), ranks=N
     assert err.count("error:") == 1, err  # one message, from one rank
     for text in expected:
         assert err.count(text) == 1, err
-    assert not (tmp_path / "run").exists()  # failed before the run started
+    if check_no_run_dir:
+        assert not (tmp_path / "run").exists()  # failed before the run started
     return err
 
 
@@ -92,6 +94,17 @@ def test_an_earlier_run_is_never_overwritten(tmp_path, good_spec):
     (tmp_path / "run" / "lora").mkdir()
     proc = run_train(write_spec(tmp_path / "run.yaml", good_spec))
     assert proc.returncode == 2 and "holds a finished run (lora/) without a complete checkpoint" in proc.stderr
+
+
+def test_resuming_under_settings_the_checkpoint_cannot_continue_is_refused(tmp_path, good_spec):
+    step = tmp_path / "run" / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / "complete.json").write_text('{"optimizer_step": 4, "world_size": 1, "micro_batch_size": 2, "seed": 0, '
+                                        '"zero_stage": 3, "data_fingerprint": "x"}')
+    err = fails_with(tmp_path, good_spec, f"checkpoint.resume: {step} cannot continue with this spec",
+                     "data.micro_batch_size is 1, the checkpoint's is 2", "is ZeRO-2, the checkpoint's is ZeRO-3",
+                     check_no_run_dir=False)
+    assert "seed" not in err
 
 
 def test_resuming_from_an_incomplete_checkpoint_is_refused(tmp_path, good_spec):

@@ -61,6 +61,10 @@ def resume_point(resume: str, root: Path) -> Path | None:
     if not (path / MARKER).is_file():
         raise UserError(f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER}: its save was "
                         f"interrupted); complete ones: {[p.name for p in complete_checkpoints(path.parent)]}")
+    newer = [p for p in complete_checkpoints(root) if p.name > path.name]
+    if newer:  # two timelines in one directory: auto and pruning would pick among them by step number
+        raise UserError(f"checkpoint.resume: {root} already holds newer checkpoints ({newer[-1].name}) than {path}; "
+                        f"resume from an older step into another run.output_dir, or delete the newer ones")
     return path
 
 
@@ -81,6 +85,7 @@ def ensure_universal(path: Path) -> Path:
     if proc.returncode != 0:
         raise RuntimeError(f"converting {path} to a universal checkpoint failed:\n{proc.stdout[-2000:]}"
                            f"{proc.stderr[-4000:]}")
+    (tmp / "latest_universal").unlink(missing_ok=True)  # names the temporary folder; the marker says it all
     shutil.copy2(path / MARKER, tmp / MARKER)
     fsync_tree(tmp)
     shutil.rmtree(out, ignore_errors=True)

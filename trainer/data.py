@@ -212,8 +212,11 @@ def streaming(loader: DataLoader) -> Iterator[Batch]:
 
 def build_loader(dataset: MicroBatches, *, num_workers: int, pin_memory: bool) -> DataLoader:
     """Workers fetch micro-batches k = 0, 1, 2, ... ahead of the trainer; DataLoader returns them in order."""
+    # its own generator: iter() draws a base seed, which must not come from (and advance) the global one that
+    # a resumed run restores for LoRA dropout
     return DataLoader(dataset, batch_size=None, sampler=_Endless(), num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_ignore_stop_signals)
+                      prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_ignore_stop_signals,
+                      generator=torch.Generator().manual_seed(dataset.seed))
 
 
 __all__ = ["Batch", "MicroBatches", "ShardError", "build_loader", "check_first_sample", "check_latent_scale",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -115,6 +116,8 @@ def init_distributed(timeout: timedelta) -> None:
     waits longer than ``timeout`` (a peer died or hangs) raises instead of blocking forever."""
     import deepspeed
 
+    if torch.cuda.is_available():  # before the first collective: NCCL sends from the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(timeout=timeout)
 
 

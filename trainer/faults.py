@@ -48,15 +48,18 @@ class StopSignals:
 class StepDecision:
     stop: bool  # some rank got a stop signal: all save this step and exit
     save_due_to_time: bool  # rank 0's clock says checkpoint.every_minutes have passed
-    data_faults: bool  # some rank skipped a sample this step: gather and report them
+    data_faults: int  # samples of this step that could not be read, over all ranks
+    readable: int  # samples of this step that could, over all ranks
 
 
-def decide(device: torch.device, stop_requested: bool, time_due_on_rank0: bool, data_faults: bool) -> StepDecision:
-    """Every rank calls this after each optimizer step and gets the same answer (the max over ranks)."""
-    flags = torch.tensor([stop_requested, time_due_on_rank0 and dist.get_rank() == 0, data_faults],
-                         dtype=torch.int32, device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return StepDecision(*(bool(f) for f in flags.tolist()))  # sync point
+def decide(device: torch.device, stop_requested: bool, time_due_on_rank0: bool, data_faults: int,
+           readable: int) -> StepDecision:
+    """Every rank calls this after each optimizer step and gets the same answer (sums over ranks)."""
+    values = torch.tensor([stop_requested, time_due_on_rank0 and dist.get_rank() == 0, data_faults, readable],
+                          dtype=torch.int64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    stop, time_due, faults, ok = values.tolist()  # sync point
+    return StepDecision(stop > 0, time_due > 0, faults, ok)
 
 
 def preempted(signum: int, optimizer_step: int, checkpoint) -> Stopped:

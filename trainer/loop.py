@@ -33,7 +33,7 @@ from trainer.faults import StopSignals, Watchdog, decide, preempted, too_many_no
 from trainer.metrics import Reporter
 from trainer.model import ModelShapes, VideoTransformer, check_lora_targets, resolve_model_dir
 from trainer.rng import NOISE, derive_seed
-from trainer.run_dir import SampleLog, check_fresh_start, resume_problems
+from trainer.run_dir import SampleLog, check_fresh_start, check_resumable, check_same_samples
 from trainer.shard_format import ShardError
 from trainer.shard_index import ShardIndex, build_index
 from trainer.spec import RunSpec
@@ -66,6 +66,8 @@ def preflight(spec: RunSpec) -> Plan:
     resume_from = resume_point(spec.checkpoint.resume, spec.run.dir / "checkpoints")
     if resume_from is None:
         check_fresh_start(spec)
+    if resume_from is not None:
+        check_resumable(read_marker(resume_from), spec, ds_config["zero_optimization"]["stage"], resume_from)
     universal = resume_from is not None and read_marker(resume_from)["world_size"] != world_size
     if universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
@@ -92,7 +94,8 @@ class StepOutput:
     loss: torch.Tensor  # mean micro-batch loss, on the device (no host sync)
     micro_losses: list[torch.Tensor] = field(default_factory=list)
     batches: list[Batch] = field(default_factory=list)
-    faults: list[ShardError] = field(default_factory=list)  # samples skipped under data.on_error=skip
+    faults: list[ShardError] = field(default_factory=list)  # samples that could not be read (zeros stood in)
+    readable: int = 0  # samples that could
 
 
 def train_step(run: Run, stream, optimizer_step: int) -> StepOutput:
@@ -103,8 +106,6 @@ def train_step(run: Run, stream, optimizer_step: int) -> StepOutput:
     out = StepOutput(torch.zeros((), device=device))
     for micro_step in range(accumulation):
         batch = next(stream)
-        if batch.faults and run.spec.data.on_error == "fail":
-            raise batch.faults[0]
         x0 = run.model.pad_frames(batch.latents.to(device, non_blocking=True).float())
         t = run.timesteps(optimizer_step, micro_step)
         noise = torch.randn(x0.shape, generator=run.noise, device=device, dtype=torch.float32)
@@ -120,6 +121,7 @@ def train_step(run: Run, stream, optimizer_step: int) -> StepOutput:
         out.micro_losses.append(loss.detach())
         out.batches.append(batch)
         out.faults.extend(batch.faults)
+        out.readable += len(batch.keys) - len(batch.faults)
     return out
 
 
@@ -137,6 +139,8 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState, dic
     if not index.samples:
         raise UserError(f"data.shards: no usable sample in {len(plan.shards)} shard(s) ({len(index.faults)} "
                         f"problem(s); the first: {index.faults[0] if index.faults else 'none'})")
+    if plan.resume_from is not None:
+        check_same_samples(read_marker(plan.resume_from), index.fingerprint(), plan.resume_from)
     dtype = COMPUTE_DTYPES[spec.train.precision]
     model = VideoTransformer.from_pretrained(plan.model_dir, spec.lora, dtype, spec.model.gradient_checkpointing,
                                              spec.run.seed)
@@ -148,19 +152,16 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState, dic
         num_train_timesteps=plan.objective.num_train_timesteps, generator=noise)
     run = Run(spec, engine, model, plan.objective.to(engine.device), timesteps, noise, dtype, rank)
 
-    fresh = TrainerState(world_size=world_size, micro_batch_size=spec.data.micro_batch_size, seed=spec.run.seed,
-                         data_fingerprint=index.fingerprint())
     if plan.resume_from is None:
         seed_global_rngs(spec.run.seed, rank)
-        return run, index, fresh, None
+        state = TrainerState(world_size=world_size, micro_batch_size=spec.data.micro_batch_size, seed=spec.run.seed,
+                             zero_stage=engine.zero_optimization_stage(), data_fingerprint=index.fingerprint())
+        return run, index, state, None
     if plan.universal:
         if rank == 0:
             ensure_universal(plan.resume_from)
         dist.barrier()  # the conversion is on disk before any rank reads it
     state, saved = load_checkpoint(engine, plan.resume_from, plan.universal)
-    problems = resume_problems(state, fresh, plan.resume_from)
-    if problems:
-        raise UserError(problems)
     if saved is None:  # another number of ranks: the saved generator states have no owner
         seed_global_rngs(spec.run.seed, rank, state.optimizer_step)
     state.world_size = world_size
@@ -191,8 +192,11 @@ def describe(run: Run, plan: Plan, index: ShardIndex, state: TrainerState, repor
         reporter.event(state.optimizer_step, "resumed", f"from {plan.resume_from} at optimizer step "
                        f"{state.optimizer_step}, {state.samples_seen} samples seen"
                        + (" (another number of ranks: universal checkpoint)" if plan.universal else ""))
-    for fault in index.faults:
-        reporter.event(state.optimizer_step, "data_error", f"skipping: {fault}", shard=fault.shard, key=fault.key)
+    if state.optimizer_step == 0:  # a resumed run logged them when it started
+        for fault in index.faults:
+            reporter.event(0, "data_error", f"skipping: {fault}", shard=fault.shard, key=fault.key)
+    elif index.faults:
+        reporter.print(f"{len(index.faults)} sample(s) left out at start-up, as when the run began (events.jsonl)")
 
 
 def train(spec: RunSpec) -> Path | None:
@@ -226,7 +230,7 @@ def train(spec: RunSpec) -> Path | None:
     every_steps, every_minutes = spec.checkpoint.every_steps, spec.checkpoint.every_minutes
 
     interval_loss, interval_steps, started = torch.zeros((), device=engine.device), 0, time.perf_counter()
-    interval_taken, local_errors, last_loss = 0, 0, float("nan")
+    interval_taken, last_loss = 0, float("nan")
     watchdog = Watchdog(spec.run.collective_timeout_s, rank)
     run.heartbeat = watchdog.progress
     with streaming(loader) as stream:
@@ -235,7 +239,6 @@ def train(spec: RunSpec) -> Path | None:
             out = train_step(run, stream, optimizer_step)
             state.optimizer_step, state.micro_step = optimizer_step, state.micro_step + accumulation
             state.samples_seen += engine.train_batch_size()
-            local_errors += len(out.faults)
             interval_taken += 1
             if samples is not None:
                 samples.write(optimizer_step, out.batches)
@@ -248,15 +251,22 @@ def train(spec: RunSpec) -> Path | None:
                 state.consecutive_nonfinite += 1
             give_up = state.consecutive_nonfinite >= spec.train.max_consecutive_nonfinite  # the same on every rank
             time_due = every_minutes is not None and time.monotonic() - last_save >= 60 * every_minutes
-            decision = decide(engine.device, signals.received is not None, time_due, bool(out.faults))
+            decision = decide(engine.device, signals.received is not None, time_due, len(out.faults), out.readable)
             if decision.data_faults:
-                report_data_faults(out.faults, optimizer_step, reporter)
+                data_faults(run, out.faults, optimizer_step, reporter)  # raises on every rank under on_error=fail
+                state.data_errors += decision.data_faults
+            state.consecutive_unreadable = 0 if decision.readable else state.consecutive_unreadable + 1
+            if state.consecutive_unreadable >= spec.train.max_consecutive_nonfinite:
+                raise unreadable(state.consecutive_unreadable, out.faults)
             reporter.advance(optimizer_step)
 
             last = optimizer_step == spec.train.max_steps
-            if optimizer_step % spec.logging.every_steps == 0 or last or decision.stop or give_up:
-                loss_sum, steps, errors = sum_across_ranks([interval_loss, interval_steps, local_errors]).tolist()
-                state.data_errors += int(errors)
+            # no periodic save in a streak of skipped steps: the last good checkpoint stays the newest
+            periodic = decision.save_due_to_time or (every_steps and optimizer_step % every_steps == 0)
+            periodic = periodic and not state.consecutive_nonfinite
+            save = decision.stop or periodic or (last and (every_steps or every_minutes))
+            if optimizer_step % spec.logging.every_steps == 0 or last or save or give_up:
+                loss_sum, steps = sum_across_ranks([interval_loss, interval_steps]).tolist()
                 last_loss = loss_sum / steps if steps else float("nan")
                 elapsed = time.perf_counter() - started
                 reporter.log(optimizer_step, {
@@ -265,15 +275,12 @@ def train(spec: RunSpec) -> Path | None:
                     "samples_seen": state.samples_seen, "skipped_steps": state.nonfinite_steps,
                     "data_errors": state.data_errors})
                 interval_loss.zero_()
-                interval_steps, interval_taken, local_errors, started = 0, 0, 0, time.perf_counter()
+                interval_steps, interval_taken, started = 0, 0, time.perf_counter()
             if give_up:
                 reporter.close()
                 raise too_many_nonfinite(state.consecutive_nonfinite, optimizer_step, last_checkpoint)
 
-            # no periodic save in a streak of skipped steps: the last good checkpoint stays the newest
-            periodic = decision.save_due_to_time or (every_steps and optimizer_step % every_steps == 0)
-            periodic = periodic and not state.consecutive_nonfinite
-            if decision.stop or periodic or (last and (every_steps or every_minutes)):
+            if save:
                 position = divmod(state.micro_batches_consumed + rank, dataset.per_epoch)  # this rank's next
                 watchdog.progress(f"the checkpoint save of optimizer step {optimizer_step}")
                 last_checkpoint = checkpointer.save(engine, state, {"next_epoch_and_micro_batch": list(position)})
@@ -286,6 +293,7 @@ def train(spec: RunSpec) -> Path | None:
 
     watchdog.progress("the LoRA export")
     lora_file = export_lora(run.model, run_dir / "lora", spec.to_yaml())
+    dist.barrier()  # nobody tears the process group down while rank 0 still writes the export
     watchdog.stop()
     reporter.close()
     if lora_file is not None:
@@ -309,8 +317,20 @@ def nonfinite_step(run: Run, out: StepOutput, optimizer_step: int, reporter: Rep
     return True
 
 
-def report_data_faults(local: list[ShardError], optimizer_step: int, reporter: Reporter) -> None:
-    for fault in (f for faults in _all_gather([(f.shard, f.key, f.problem) for f in local]) for f in faults):
-        shard, key, problem = fault
-        reporter.event(optimizer_step, "data_error", f"skipping shard {shard}, sample {key!r}: {problem}",
-                       shard=shard, key=key)
+def data_faults(run: Run, local: list[ShardError], optimizer_step: int, reporter: Reporter) -> None:
+    """Samples that could not be read this step, on any rank: reported by rank 0, or under data.on_error=fail
+    raised on every rank (the step in flight trained on zeros in their place; nothing is saved after it)."""
+    everyone = [ShardError(*f) for faults in _all_gather([(f.shard, f.key, f.problem) for f in local]) for f in faults]
+    if run.spec.data.on_error == "fail":
+        everyone[0].on_every_rank = True
+        raise everyone[0]
+    for fault in everyone:
+        reporter.event(optimizer_step, "data_error", f"skipping {fault}", shard=fault.shard, key=fault.key)
+
+
+def unreadable(steps: int, faults: list[ShardError]) -> UserError:
+    error = UserError(f"data.shards: no sample of the last {steps} optimizer steps could be read (the last: "
+                      f"{faults[0] if faults else 'on another rank'}); the shards changed or went bad after "
+                      f"start-up. Check them with data_tools/inspect.py")
+    error.on_every_rank = True
+    return error

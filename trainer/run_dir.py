@@ -9,7 +9,6 @@ from trainer.data import Batch
 from trainer.errors import UserError
 from trainer.metrics import truncate_jsonl
 from trainer.spec import RunSpec
-from trainer.state import TrainerState
 
 SAMPLE_LOG = "sample_keys"
 
@@ -31,19 +30,26 @@ def check_fresh_start(spec: RunSpec) -> None:
                         f"to resume from; choose another run.output_dir (or run.name), or delete it")
 
 
-def resume_problems(saved: TrainerState, now: TrainerState, path: Path) -> str | None:
-    """Why this spec cannot continue the checkpoint's sample sequence exactly, or None."""
+def check_resumable(marker: dict, spec: RunSpec, zero_stage: int, path: Path) -> None:
+    """Before any work: settings a checkpoint cannot continue under (the sample sequence, the ZeRO layout)."""
     problems = []
-    if saved.micro_batch_size != now.micro_batch_size:
-        problems.append(f"data.micro_batch_size is {now.micro_batch_size}, the checkpoint's is {saved.micro_batch_size}")
-    if saved.seed != now.seed:
-        problems.append(f"run.seed is {now.seed}, the checkpoint's is {saved.seed}")
-    if saved.data_fingerprint != now.data_fingerprint:
-        problems.append("data.shards hold other samples (or shapes) than when it was saved")
-    if not problems:
-        return None
-    return (f"checkpoint.resume: {path} cannot continue with this spec: " + "; ".join(problems) +
-            ". Restore those settings, or start a new run (another run.output_dir).")
+    if marker["micro_batch_size"] != spec.data.micro_batch_size:
+        problems.append(f"data.micro_batch_size is {spec.data.micro_batch_size}, the checkpoint's is "
+                        f"{marker['micro_batch_size']}")
+    if marker["seed"] != spec.run.seed:
+        problems.append(f"run.seed is {spec.run.seed}, the checkpoint's is {marker['seed']}")
+    if marker.get("zero_stage", zero_stage) != zero_stage:
+        problems.append(f"the DeepSpeed config is ZeRO-{zero_stage}, the checkpoint's is ZeRO-{marker['zero_stage']}")
+    if problems:
+        raise UserError(f"checkpoint.resume: {path} cannot continue with this spec: " + "; ".join(problems) +
+                        ". Restore those settings, or start a new run (another run.output_dir).")
+
+
+def check_same_samples(marker: dict, fingerprint: str, path: Path) -> None:
+    if marker["data_fingerprint"] != fingerprint:
+        raise UserError(f"checkpoint.resume: {path} cannot continue: data.shards hold other samples (or shapes) than "
+                        f"when it was saved, so the sample order cannot go on where it stopped. Restore the shards, "
+                        f"or start a new run (another run.output_dir).")
 
 
 class SampleLog:

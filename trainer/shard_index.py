@@ -61,9 +61,9 @@ def _header(file, extent: Extent, shard: str, key: str, member: str, name: str) 
 
 def _member_groups(path: str) -> Iterator[tuple[str, dict[str, Extent]]]:
     """(key, {member: extent}) for each group of consecutive members sharing a key, in tar order."""
-    size = Path(path).stat().st_size
     key, members = None, {}
     try:
+        size = Path(path).stat().st_size
         with tarfile.open(path, "r:") as tar:
             for info in tar:
                 match = _KEY_AND_MEMBER.match(info.name) if info.isfile() else None
@@ -88,8 +88,12 @@ def index_shard(path: str, shard_id: int, shapes: ModelShapes) -> tuple[list[Sam
     samples before the break; a group whose members are truncated, missing or mis-shaped is left out."""
     refs: list[SampleRef] = []
     faults: list[ShardError] = []
+    try:
+        file = open(path, "rb")
+    except OSError as exc:
+        return [], [ShardError(path, None, f"cannot be read ({exc})")]
     groups = _member_groups(path)
-    with open(path, "rb") as file:
+    with file:
         while True:
             try:
                 item = next(groups, None)

@@ -29,10 +29,12 @@ class TrainerState:
     nonfinite_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm
     consecutive_nonfinite: int = 0
     data_errors: int = 0  # samples skipped under data.on_error=skip, over all ranks
+    consecutive_unreadable: int = 0  # optimizer steps in a row none of whose samples could be read
     # what the position means: a resume refuses to continue a different sample sequence
     world_size: int = 1
     micro_batch_size: int = 1
     seed: int = 0
+    zero_stage: int = 2
     data_fingerprint: str = ""
 
     def to_dict(self) -> dict:
