@@ -19,7 +19,8 @@ import torch.multiprocessing as mp
 from helpers import free_port
 from trainer.data import MicroBatches
 from trainer.diffusion import TimestepSampler
-from trainer.loop import Run, build, preflight, train_step
+from trainer.loop import train_step
+from trainer.startup import Run, build, preflight
 from trainer.model import VideoTransformer
 from trainer.rng import NOISE, derive_seed
 from trainer.spec import RunSpec

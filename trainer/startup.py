@@ -1,0 +1,156 @@
+"""Start-up: everything checked before a process group exists (preflight), then the pieces a run needs (build).
+
+A bad input fails in preflight, cheaply and the same way on every rank. build joins the process group,
+indexes the shards (split over ranks), loads the model, wraps it in the DeepSpeed engine and, when resuming,
+loads the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trainer.checkpoint import ensure_universal, load_checkpoint, read_marker, resume_point
+from trainer.data import check_first_sample, check_latent_scale, resolve_shards
+from trainer.diffusion import Objective, TimestepSampler
+from trainer.distributed import env_world_size, share_cpu_threads
+from trainer.engine import COMPUTE_DTYPES, assemble_config, build_engine, init_distributed
+from trainer.errors import UserError
+from trainer.metrics import Reporter
+from trainer.model import ModelShapes, VideoTransformer, check_lora_targets, resolve_model_dir
+from trainer.run_dir import check_fresh_start, check_resumable, check_same_samples
+from trainer.shard_index import ShardIndex, build_index
+from trainer.spec import RunSpec
+from trainer.state import TrainerState, seed_global_rngs
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything checked before a process group exists: a bad input fails here, cheaply, on every rank."""
+
+    model_dir: Path
+    shapes: ModelShapes
+    objective: Objective
+    shards: list[str]
+    ds_config: dict
+    resume_from: Path | None  # a complete checkpoint to continue from
+    universal: bool  # it was saved by another number of ranks: load DeepSpeed's universal conversion
+
+
+def preflight(spec: RunSpec) -> Plan:
+    model_dir = resolve_model_dir(spec.model.path)
+    shapes = ModelShapes.from_model_dir(model_dir)
+    check_lora_targets(model_dir, list(spec.lora.target_modules))
+    objective = Objective.from_model_dir(model_dir)
+    shards = resolve_shards(spec.data.shards)
+    check_first_sample(shards, shapes)
+    check_latent_scale(shards, model_dir)
+    world_size = env_world_size()
+    ds_config = assemble_config(spec, world_size)
+    resume_from = resume_point(spec.checkpoint.resume, spec.run.dir / "checkpoints")
+    if resume_from is None:
+        check_fresh_start(spec)
+    if resume_from is not None:
+        check_resumable(read_marker(resume_from), spec, ds_config["zero_optimization"]["stage"], resume_from)
+    universal = resume_from is not None and read_marker(resume_from)["world_size"] != world_size
+    if universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    return Plan(model_dir, shapes, objective, shards, ds_config, resume_from, universal)
+
+
+@dataclass
+class Run:
+    """The pieces a step needs, built once."""
+
+    spec: RunSpec
+    engine: object  # deepspeed.DeepSpeedEngine
+    model: VideoTransformer
+    objective: Objective
+    timesteps: TimestepSampler
+    noise: torch.Generator
+    dtype: torch.dtype
+    rank: int
+    heartbeat: Callable[[str], None] = lambda what: None  # tells the watchdog the run is alive
+
+
+def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState, dict | None]:
+    init_distributed(timedelta(seconds=spec.run.collective_timeout_s))
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if not torch.cuda.is_available():
+        share_cpu_threads()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its per-rank INFO lines drown the progress
+    # DeepSpeed calls torch collectives that torch marks deprecated; one warning per rank per call site.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    index = build_index(plan.shards, plan.shapes, rank, world_size, gather=all_gather)
+    if index.faults and spec.data.on_error == "fail":
+        raise index.faults[0]
+    if not index.samples:
+        raise UserError(f"data.shards: no usable sample in {len(plan.shards)} shard(s) ({len(index.faults)} "
+                        f"problem(s); the first: {index.faults[0] if index.faults else 'none'})")
+    if plan.resume_from is not None:
+        check_same_samples(read_marker(plan.resume_from), index.fingerprint(), plan.resume_from)
+    dtype = COMPUTE_DTYPES[spec.train.precision]
+    model = VideoTransformer.from_pretrained(plan.model_dir, spec.lora, dtype, spec.model.gradient_checkpointing,
+                                             spec.run.seed)
+    engine = build_engine(spec, model, plan.ds_config)
+    noise = torch.Generator(device=engine.device)
+    timesteps = TimestepSampler(
+        spec.train.timestep_sampling, seed=spec.run.seed, rank=rank, world_size=world_size,
+        micro_batch=spec.data.micro_batch_size, accumulation=spec.train.gradient_accumulation_steps,
+        num_train_timesteps=plan.objective.num_train_timesteps, generator=noise)
+    run = Run(spec, engine, model, plan.objective.to(engine.device), timesteps, noise, dtype, rank)
+
+    if plan.resume_from is None:
+        seed_global_rngs(spec.run.seed, rank)
+        state = TrainerState(world_size=world_size, micro_batch_size=spec.data.micro_batch_size, seed=spec.run.seed,
+                             zero_stage=engine.zero_optimization_stage(), data_fingerprint=index.fingerprint())
+        return run, index, state, None
+    if plan.universal:
+        if rank == 0:
+            ensure_universal(plan.resume_from)
+        dist.barrier()  # the conversion is on disk before any rank reads it
+    state, saved = load_checkpoint(engine, plan.resume_from, plan.universal)
+    if saved is None:  # another number of ranks: the saved generator states have no owner
+        seed_global_rngs(spec.run.seed, rank, state.optimizer_step)
+    state.world_size = world_size
+    return run, index, state, saved
+
+
+def all_gather(obj):
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)  # our own ranks' objects, over our own process group
+    return gathered
+
+
+def describe(run: Run, plan: Plan, index: ShardIndex, state: TrainerState, reporter: Reporter) -> None:
+    def numel(p):  # ZeRO-3 leaves each rank an empty partition; ds_numel is the full size
+        return getattr(p, "ds_numel", p.numel())
+
+    total = sum(numel(p) for p in run.model.parameters())
+    trainable = sum(numel(p) for p in run.model.lora_parameters().values())
+    spec, engine = run.spec, run.engine
+    reporter.print(
+        f"model {plan.model_dir}: {total:,} parameters, {trainable:,} LoRA trainable (rank {spec.lora.rank}, "
+        f"alpha {spec.lora.scale_alpha:g})\n"
+        f"ZeRO-{engine.zero_optimization_stage()}, {dist.get_world_size()} rank(s) on {engine.device}, "
+        f"{spec.train.precision}; micro batch {engine.train_micro_batch_size_per_gpu()} x accumulation "
+        f"{engine.gradient_accumulation_steps()} x ranks = {engine.train_batch_size()} samples per optimizer step\n"
+        f"data: {len(index.samples)} samples in {len(plan.shards)} shard(s); output: {spec.run.dir}")
+    if plan.resume_from is not None:
+        reporter.event(state.optimizer_step, "resumed", f"from {plan.resume_from} at optimizer step "
+                       f"{state.optimizer_step}, {state.samples_seen} samples seen"
+                       + (" (another number of ranks: universal checkpoint)" if plan.universal else ""))
+    if state.optimizer_step == 0:  # a resumed run logged them when it started
+        for fault in index.faults:
+            reporter.event(0, "data_error", f"skipping: {fault}", shard=fault.shard, key=fault.key)
+    elif index.faults:
+        reporter.print(f"{len(index.faults)} sample(s) left out at start-up, as when the run began (events.jsonl)")
+
+
