@@ -54,14 +54,15 @@ def preflight(spec: RunSpec) -> Plan:
     check_latent_scale(shards, model_dir)
     world_size = env_world_size()
     ds_config = assemble_config(spec, world_size)
-    resume_from = resume_point(spec.checkpoint.resume, spec.run.dir / "checkpoints")
+    resume_from, universal = resume_point(spec.checkpoint.resume, spec.run.dir / "checkpoints"), False
     if resume_from is None:
         check_fresh_start(spec)
-    if resume_from is not None:
-        check_resumable(read_marker(resume_from), spec, ds_config["zero_optimization"]["stage"], resume_from)
-    universal = resume_from is not None and read_marker(resume_from)["world_size"] != world_size
-    if universal:
-        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    else:
+        marker = read_marker(resume_from)
+        check_resumable(marker, spec, ds_config["zero_optimization"]["stage"], resume_from)
+        universal = marker["world_size"] != world_size
+        if universal:  # DeepSpeed reads this flag when the engine is built
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     return Plan(model_dir, shapes, objective, shards, ds_config, resume_from, universal)
 
 
