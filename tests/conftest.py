@@ -25,26 +25,26 @@ def tiny_2b(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny-2b", "2b")
 
 
+def _shards(model: Path, factory, name: str, samples: int, per_shard: int) -> Path:
+    out = factory.mktemp("shards") / name
+    write_synthetic_shards(model, out, samples=samples, samples_per_shard=per_shard)
+    return out
+
+
 @pytest.fixture(scope="session")
 def shards_5b(tiny_5b, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards") / "tiny-5b"
-    write_synthetic_shards(tiny_5b, out, samples=4, samples_per_shard=1)
-    return out
+    return _shards(tiny_5b, tmp_path_factory, "tiny-5b", 4, 1)
 
 
 @pytest.fixture(scope="session")
 def shards_10(tiny_5b, tmp_path_factory) -> Path:
     """Ten samples in five shards: an epoch is 2.5 optimizer steps of 2 ranks x 2 micro-batches."""
-    out = tmp_path_factory.mktemp("shards") / "tiny-5b-10"
-    write_synthetic_shards(tiny_5b, out, samples=10, samples_per_shard=2)
-    return out
+    return _shards(tiny_5b, tmp_path_factory, "tiny-5b-10", 10, 2)
 
 
 @pytest.fixture(scope="session")
 def shards_2b(tiny_2b, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards") / "tiny-2b"
-    write_synthetic_shards(tiny_2b, out, samples=4, samples_per_shard=1)
-    return out
+    return _shards(tiny_2b, tmp_path_factory, "tiny-2b", 4, 1)
 
 
 @pytest.fixture(scope="session")

@@ -55,7 +55,7 @@ def _probe(rank: int, world_size: int, port: int, model_dir: str, shards: str, m
         "train": {"max_steps": 1, "gradient_accumulation_steps": ACCUMULATION, "max_grad_norm": max_grad_norm,
                   "precision": "fp32"}})
     plan = preflight(spec)
-    run, index, _, _ = build(spec, plan)
+    run, index, _ = build(spec, plan)
     assert run.engine.train_batch_size() == ACCUMULATION * world_size
     # each rank draws its own noise: train_step seeds it by (seed, rank, optimizer step)
     probe = torch.Generator().manual_seed(derive_seed(spec.run.seed, NOISE, rank, 1))

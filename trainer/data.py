@@ -16,7 +16,6 @@ import json
 import math
 import random
 import signal
-import struct
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,14 +24,12 @@ from typing import NamedTuple
 
 import torch
 from braceexpand import braceexpand
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from torch.utils.data import DataLoader, Dataset
 
 from trainer.errors import UserError
 from trainer.model import ModelShapes
 from trainer.rng import DATA_ORDER, derive_seed
-from trainer.shard_format import ShardError, shard_samples
+from trainer.shard_format import LATENTS, PROMPT_EMBEDS, ShardError, load_tensor, shard_samples
 from trainer.shard_index import Extent, SampleRef, ShardIndex
 
 
@@ -159,8 +156,9 @@ class MicroBatches(Dataset):
         shard = self.index.shards[ref.shard]
         try:
             with open(shard, "rb") as file:
-                latents = _tensor(file, ref.latents, "latents", shard, ref.key)
-                prompt = _tensor(file, ref.prompt_embeds, "prompt_embeds", shard, ref.key)
+                latents = load_tensor(_read(file, ref.latents), LATENTS, "latents", 4, shard, ref.key)
+                prompt = load_tensor(_read(file, ref.prompt_embeds), PROMPT_EMBEDS, "prompt_embeds", 2, shard,
+                                     ref.key)
         except OSError as exc:
             raise ShardError(shard, ref.key, f"cannot be read ({exc})") from None
         for name, tensor in (("latents", latents), ("prompt_embeds", prompt)):
@@ -171,13 +169,9 @@ class MicroBatches(Dataset):
         return latents, prompt
 
 
-def _tensor(file, extent: Extent, name: str, shard: str, key: str) -> torch.Tensor:
+def _read(file, extent: Extent) -> bytes:
     file.seek(extent.offset)
-    blob = file.read(extent.size)
-    try:
-        return st_load(blob)[name]
-    except (SafetensorError, KeyError, struct.error) as exc:
-        raise ShardError(shard, key, f"{name} cannot be decoded ({exc})") from None
+    return file.read(extent.size)
 
 
 class _Endless:

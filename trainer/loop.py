@@ -39,7 +39,7 @@ def train(spec: RunSpec) -> Path | None:
     signals = StopSignals()  # before the slow start-up, so that an early SIGTERM is not fatal
     plan = preflight(spec)
     try:
-        run, index, state, _ = build(spec, plan)
+        run, index, state = build(spec, plan)
     except UserError as exc:
         exc.on_every_rank = True  # start-up sees the same files on every rank: one message is enough
         raise

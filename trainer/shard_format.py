@@ -65,9 +65,10 @@ def encode_sample(key: str, latents: torch.Tensor, prompt_embeds: torch.Tensor, 
     }
 
 
-def _tensor(raw: dict, member: str, name: str, ndim: int, shard: str, key: str) -> torch.Tensor:
+def load_tensor(blob: bytes, member: str, name: str, ndim: int, shard: str, key: str) -> torch.Tensor:
+    """The named tensor of one safetensors member; a ShardError naming shard, key and problem otherwise."""
     try:
-        tensors = st_load(raw[member])
+        tensors = st_load(blob)
     except SafetensorError as exc:
         raise ShardError(shard, key, f"{member} is not a valid safetensors blob ({exc})") from None
     if name not in tensors:
@@ -93,8 +94,8 @@ def decode_sample(raw: dict) -> Sample:
     return Sample(
         key=key,
         shard=shard,
-        latents=_tensor(raw, LATENTS, "latents", 4, shard, key),
-        prompt_embeds=_tensor(raw, PROMPT_EMBEDS, "prompt_embeds", 2, shard, key),
+        latents=load_tensor(raw[LATENTS], LATENTS, "latents", 4, shard, key),
+        prompt_embeds=load_tensor(raw[PROMPT_EMBEDS], PROMPT_EMBEDS, "prompt_embeds", 2, shard, key),
         meta=meta,
     )
 

@@ -81,7 +81,7 @@ class Run:
     heartbeat: Callable[[str], None] = lambda what: None  # tells the watchdog the run is alive
 
 
-def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState, dict | None]:
+def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
     init_distributed(timedelta(seconds=spec.run.collective_timeout_s))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if not torch.cuda.is_available():
@@ -112,7 +112,7 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState, dic
         seed_global_rngs(spec.run.seed, rank)
         state = TrainerState(world_size=world_size, micro_batch_size=spec.data.micro_batch_size, seed=spec.run.seed,
                              zero_stage=engine.zero_optimization_stage(), data_fingerprint=index.fingerprint())
-        return run, index, state, None
+        return run, index, state
     if plan.universal:
         if rank == 0:
             ensure_universal(plan.resume_from)
@@ -121,7 +121,7 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState, dic
     if saved is None:  # another number of ranks: the saved generator states have no owner
         seed_global_rngs(spec.run.seed, rank, state.optimizer_step)
     state.world_size = world_size
-    return run, index, state, saved
+    return run, index, state
 
 
 def all_gather(obj):
