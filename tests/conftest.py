@@ -15,6 +15,18 @@ from data_tools.synth_videos import write_synthetic_videos  # noqa: E402
 from data_tools.tiny_model import write_tiny_model  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_leaked_shm_buffers():
+    """DeepSpeed's CPU shared-memory all-reduce never unlinks /dev/shm/deepspeed_allreduce_buffer_* (about 100 MB
+    per rank and run, named by the master port): a test session would fill the machine's RAM. Remove the ones
+    this session created, once every rank it started has exited."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    yield
+    for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
+        path.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_5b(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny-5b", "5b")
