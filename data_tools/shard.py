@@ -57,8 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="encode whole frames at once (more memory; tiling only applies above the VAE's tile size)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--decode-workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding threads")
-    p.add_argument("--rank", type=int, help="this process's rank (default: RANK from torchrun, else 0)")
-    p.add_argument("--world-size", type=int, help="number of ranks (default: WORLD_SIZE from torchrun, else 1)")
+    p.add_argument("--rank", type=int,
+                   help="this process's rank (default: RANK from torchrun, SLURM_PROCID under srun, else 0)")
+    p.add_argument("--world-size", type=int,
+                   help="number of ranks (default: WORLD_SIZE from torchrun, the step's tasks under srun, else 1)")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any input was rejected")
     p.add_argument("--video-column", default="video", help="manifest column with the video path")
     p.add_argument("--caption-column", default="caption", help="manifest column with the caption")
@@ -76,14 +78,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def rank_and_world(args: argparse.Namespace) -> tuple[int, int, int]:
-    """(rank, world size, local rank): the flags, else torchrun's variables, else a single process.
-
-    SLURM's variables are not read on purpose: a plain `python shard.py` inside an sbatch script sees
-    SLURM_NTASKS of the whole allocation and would pack only its share. Under srun, pass
-    --rank $SLURM_PROCID --world-size $SLURM_NTASKS."""
+    """(rank, world size, local rank): the flags, else torchrun's variables, else SLURM's inside an srun step,
+    else a single process. A plain `python shard.py` in an sbatch script (no step) packs everything itself,
+    although SLURM_NTASKS there counts the whole allocation."""
     env = os.environ
-    rank = args.rank if args.rank is not None else int(env.get("RANK", 0))
-    world = args.world_size if args.world_size is not None else int(env.get("WORLD_SIZE", 1))
+    in_step = "SLURM_STEP_ID" in env and "SLURM_PROCID" in env
+    rank = args.rank if args.rank is not None else int(env.get("RANK", env["SLURM_PROCID"] if in_step else 0))
+    slurm_world = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", 1)) if in_step else 1
+    world = args.world_size if args.world_size is not None else int(env.get("WORLD_SIZE", slurm_world))
     if world < 1 or not 0 <= rank < world:
         raise UserError(f"--rank {rank} / --world-size {world}: the rank must be in [0, world size)")
     devices = max(1, torch.cuda.device_count())

@@ -122,4 +122,12 @@ def test_two_ranks_under_the_launcher_say_it_once_and_fail(tmp_path, good_spec):
 
 def test_tasks_started_without_rank_variables_are_refused(tmp_path, good_spec):
     # srun -n 2 python launch/train.py: without RANK/WORLD_SIZE every task would be a rank 0 of its own
-    fails_with(tmp_path, good_spec, "SLURM_NTASKS=2 but RANK/WORLD_SIZE are not set", env={"SLURM_NTASKS": "2"})
+    # (an sbatch script's shell: SLURM_NTASKS counts the allocation, but there is no srun step)
+    fails_with(tmp_path, good_spec, "SLURM_NTASKS=2 but this process is not one of several ranks",
+               env={"SLURM_NTASKS": "2", "SLURM_PROCID": "0"})
+
+
+def test_an_srun_task_whose_first_node_does_not_resolve_is_told_to_set_master_addr(tmp_path, good_spec):
+    fails_with(tmp_path, good_spec, "MASTER_ADDR: the first node of the job, 'no-such-node7'",
+               env={"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "7",
+                    "SLURM_JOB_NODELIST": "no-such-node[7-8]"})

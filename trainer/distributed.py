@@ -18,23 +18,85 @@ def free_port() -> int:
 
 
 def ensure_process_env() -> None:
-    """A plain ``python launch/train.py`` is a world of one. Without these variables DeepSpeed would try
-    MPI discovery (and need mpi4py); launchers (deepspeed, torchrun) set them all themselves."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return
+    """Set torch's rank variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) for whatever
+    started this process. The deepspeed launcher and torchrun set them all; an ``srun`` task gets them from
+    SLURM's; a plain ``python launch/train.py`` is a world of one. Without them DeepSpeed would try MPI
+    discovery (and need mpi4py)."""
+    os.environ.update(rank_env(os.environ))
+
+
+def rank_env(env) -> dict[str, str]:
+    """The rank variables to add to ``env`` (nothing when a launcher already set them)."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {}
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:  # a task of an srun step (the batch shell has no step)
+        return slurm_rank_env(env)
     for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        if os.environ.get(name, "1").isdigit() and int(os.environ.get(name, "1")) > 1:
+        if env.get(name, "1").isdigit() and int(env.get(name, "1")) > 1:
             # Every task would become its own rank 0 writing into the same run directory: refuse.
-            raise UserError(f"{name}={os.environ[name]} but RANK/WORLD_SIZE are not set: start the ranks with "
-                            f"the deepspeed launcher or torchrun (one task per node), or set the rank variables")
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+            raise UserError(f"{name}={env[name]} but this process is not one of several ranks: start one task "
+                            f"per GPU with srun (launch/slurm/train.sbatch does), or use the deepspeed launcher or "
+                            f"torchrun")
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(free_port())}
+
+
+def slurm_rank_env(env) -> dict[str, str]:
+    """One srun task per GPU: SLURM_PROCID is the rank, SLURM_LOCALID the local rank, the step's task count
+    the world size. The rendezvous is the step's first node, on a port every task derives from the job id
+    (no communication needed); MASTER_ADDR and MASTER_PORT in the environment win."""
+    world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if not world or not nodelist:
+        raise UserError("an srun task without SLURM_NTASKS or SLURM_JOB_NODELIST: cannot tell the ranks; set "
+                        "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT yourself")
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": world, "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    per_node = expand_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""))
+    node = int(env.get("SLURM_NODEID", "0"))
+    if node < len(per_node):
+        out["LOCAL_WORLD_SIZE"] = str(per_node[node])
+    addr = env.get("MASTER_ADDR") or first_host(nodelist)
+    try:
+        socket.getaddrinfo(addr, None)
+    except OSError:
+        raise UserError(f"MASTER_ADDR: the first node of the job, {addr!r} (from {nodelist}), does not resolve "
+                        f"here; export MASTER_ADDR with its address (launch/slurm/train.sbatch asks scontrol for "
+                        f"the node's NodeAddr)") from None
+    out["MASTER_ADDR"] = addr
+    out["MASTER_PORT"] = env.get("MASTER_PORT") or str(SLURM_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % 10000)
+    return out
+
+
+SLURM_PORT_BASE = 20000  # srun tasks meet on 20000 + job id mod 10000 unless MASTER_PORT says otherwise
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist: ``gpu[007-010,12],cpu1`` -> ``gpu007``, ``r[1-2]-n[05-06]`` -> ``r1-n05``."""
+    host, depth = "", 0
+    for char in nodelist:
+        if char == "," and depth == 0:
+            break
+        depth += (char == "[") - (char == "]")
+        host += char
+    while "[" in host:
+        head, rest = host.split("[", 1)
+        ranges, tail = rest.split("]", 1)
+        host = head + ranges.split(",")[0].split("-")[0] + tail
+    return host
+
+
+def expand_tasks_per_node(value: str) -> list[int]:
+    """SLURM's compressed tasks-per-node list: ``2(x3),1`` -> ``[2, 2, 2, 1]``."""
+    counts = []
+    for part in filter(None, value.split(",")):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts
 
 
 def env_rank() -> int:
     """This process's rank before the process group exists (0 for a plain single process)."""
-    return int(os.environ.get("RANK", "0"))
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 def env_world_size() -> int:
