@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 from trainer.distributed import ensure_process_env, env_rank  # noqa: E402
 from trainer.errors import EXIT_LOST_PEER, EXIT_USER_ERROR, UserError  # noqa: E402
-from trainer.faults import Stopped  # noqa: E402
+from trainer.faults import Stopped, ignore_stop_signals  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Stopped as exc:
+        ignore_stop_signals()  # the checkpoint is saved: keep the exit status whatever arrives now
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(exc, file=sys.stderr)
         return exc.exit_code

@@ -44,6 +44,14 @@ class StopSignals:
             self.received = signum
 
 
+def ignore_stop_signals() -> None:
+    """After a stop has been decided and saved, more stop signals must not turn exit 75 into "killed": srun
+    --kill-on-bad-exit SIGTERMs the ranks still tearing down once the first exits, and Python restores the
+    default handlers (death) during interpreter shutdown, but keeps an "ignore" in place."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 @dataclass(frozen=True)
 class StepDecision:
     stop: bool  # some rank got a stop signal: all save this step and exit

@@ -1,0 +1,162 @@
+"""launch/train.py under every launcher a cluster uses gives the same run: the deepspeed launcher on one node
+and as two "nodes" (--no_ssh --node_rank), torchrun, and srun-style tasks that only have SLURM's variables.
+
+The reference is 2 ranks under the deepspeed launcher on one node; every other launch of the same 2 ranks
+must export LoRA tensors torch.equal to it and log the same loss at every step.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import REPO, read_metrics, run_train, train_env
+from trainer.distributed import SLURM_PORT_BASE, expand_tasks_per_node, first_host, free_port, rank_env
+
+STEPS = 4
+
+
+@pytest.mark.parametrize("nodelist, first", [
+    ("localhost", "localhost"), ("n[1-2]", "n1"), ("gpu[007-010,12],cpu1", "gpu007"), ("a,b[1-3]", "a"),
+    ("rack[2-3]-n[05-06]", "rack2-n05"), ("x[3,1]", "x3")])
+def test_first_host_of_a_slurm_hostlist(nodelist, first):
+    assert first_host(nodelist) == first
+
+
+def test_tasks_per_node_expansion():
+    assert expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert expand_tasks_per_node("8") == [8]
+
+
+def test_srun_task_variables_map_to_torch_rank_variables():
+    env = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+           "SLURM_STEP_NUM_TASKS": "6", "SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "2(x3)",
+           "SLURM_JOB_NODELIST": "localhost,n[2-3]", "SLURM_JOB_ID": "123456"}
+    assert rank_env(env) == {"RANK": "5", "WORLD_SIZE": "6", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                             "MASTER_ADDR": "localhost", "MASTER_PORT": str(SLURM_PORT_BASE + 3456)}
+    # what the user (or launch/slurm/train.sbatch) exported wins; a launcher's own variables win over SLURM's
+    assert rank_env({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})["MASTER_ADDR"] == "10.0.0.1"
+    assert rank_env({**env, "RANK": "0", "WORLD_SIZE": "1"}) == {}
+
+
+def spec_overrides(tiny_5b, shards_10, run_dir: Path) -> tuple[str, ...]:
+    return (f"model.path={tiny_5b}", f"data.shards={shards_10}", f"run.output_dir={run_dir}",
+            f"train.max_steps={STEPS}", "optim.warmup_steps=1", "logging.every_steps=1",
+            "checkpoint.every_minutes=null", "lora.dropout=0.1")  # dropout: each rank's RNG matters
+
+
+def spec_args(tiny_5b, shards_10, run_dir: Path) -> list[str]:
+    sets = spec_overrides(tiny_5b, shards_10, run_dir)
+    return ["launch/train.py", "--spec", "examples/tiny.yaml", *[a for s in sets for a in ("--set", s)]]
+
+
+def without_rank_variables() -> dict[str, str]:
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return {k: v for k, v in train_env().items() if k not in names and not k.startswith("SLURM_")}
+
+
+def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(procs: list[subprocess.Popen]) -> None:
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-3000:]
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    ours, theirs = (load_file(d / "lora" / "pytorch_lora_weights.safetensors") for d in (run_dir, reference))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert [m["loss"] for m in read_metrics(run_dir)] == [m["loss"] for m in read_metrics(reference)]
+    assert len(read_metrics(run_dir)) == STEPS
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_5b, shards_10, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("launchers") / "one-node"
+    proc = run_train(REPO / "examples" / "tiny.yaml", ranks=2, overrides=spec_overrides(tiny_5b, shards_10, run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def no_ssh_nodes(tmp_path: Path, args: list[str], node1_prefix: list[str] = ()) -> list[subprocess.Popen]:
+    """Two "nodes" on this machine, one deepspeed launcher and one rank each, as on a cluster without ssh."""
+    hostfile = tmp_path / "hostfile"
+    # the shipped example with one process per node (under --no_ssh its names only label the nodes)
+    hostfile.write_text(re.sub(r"slots=\d+", "slots=1", (REPO / "launch" / "hostfile.example").read_text()))
+    launcher, port = Path(sys.executable).with_name("deepspeed"), free_port()
+    env = {**without_rank_variables(), "OMP_NUM_THREADS": "1"}  # two "nodes" share this machine's cores
+    return [start([*(node1_prefix if node else []), str(launcher), "--hostfile", str(hostfile), "--no_ssh",
+                   "--num_nodes", "2", "--node_rank", str(node), "--master_addr", "127.0.0.1",
+                   "--master_port", str(port), *args], env) for node in (0, 1)]
+
+
+@pytest.mark.slow
+def test_two_nodes_without_ssh_equal_two_ranks_on_one_node(reference, tiny_5b, shards_10, tmp_path):
+    finish(no_ssh_nodes(tmp_path, spec_args(tiny_5b, shards_10, tmp_path / "run")))
+    assert_same_run(tmp_path / "run", reference)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (util-linux)")
+def test_a_run_directory_that_is_not_shared_between_nodes_is_refused(reference, tiny_5b, shards_10, tmp_path):
+    """Node 1 runs in its own mount namespace with an empty tmpfs over the run directory's parent: the
+    node-local disk a misconfigured cluster gives each node. Fresh, and resuming a run only node 0 sees."""
+    local = tmp_path / "node-local"
+    local.mkdir()
+    private = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount -t tmpfs node1-disk "$0" && exec "$@"', str(local)]
+    for run_dir, expected in ((local / "fresh", "is not the same directory on every node: rank 1 on"),
+                              (local / "resumed", "the ranks see different checkpoints (rank 0 on")):
+        if run_dir.name == "resumed":
+            shutil.copytree(reference, run_dir)  # a finished 4-step run: node 0 resumes from its last checkpoint
+        args = [*spec_args(tiny_5b, shards_10, run_dir), "--set", "run.collective_timeout_s=60"]
+        nodes = no_ssh_nodes(tmp_path, args, node1_prefix=private)
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+        assert [node.returncode for node in nodes] != [0, 0]
+        assert sum(out.count(expected) for out in outputs) == 1, outputs  # said once, by rank 0
+        assert "Traceback" not in "".join(outputs)
+
+
+@pytest.mark.slow
+def test_torchrun_equals_the_deepspeed_launcher(reference, tiny_5b, shards_10, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    finish([start([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                   *spec_args(tiny_5b, shards_10, tmp_path / "run")], without_rank_variables())])
+    assert_same_run(tmp_path / "run", reference)
+
+
+def slurm_job_id_with_a_free_port() -> int:
+    """srun tasks meet on a port derived from the job id: pick an id whose port is free here."""
+    for job_id in range(4000 + os.getpid() % 5000, 10000):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", SLURM_PORT_BASE + job_id))
+            except OSError:
+                continue
+        return job_id
+    raise RuntimeError("no free port for the srun-style test")
+
+
+@pytest.mark.slow
+def test_srun_style_tasks_with_only_slurm_variables_train(reference, tiny_5b, shards_10, tmp_path):
+    """What srun -N1 -n2 sets in each task, and nothing a launcher would set."""
+    job = slurm_job_id_with_a_free_port()
+    tasks = [start([sys.executable, *spec_args(tiny_5b, shards_10, tmp_path / "run")], {
+        **without_rank_variables(), "SLURM_JOB_ID": str(job), "SLURM_STEP_ID": "0", "SLURM_PROCID": str(task),
+        "SLURM_LOCALID": str(task), "SLURM_NODEID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_STEP_NODELIST": "localhost"})
+        for task in (0, 1)]
+    finish(tasks)
+    assert_same_run(tmp_path / "run", reference)
