@@ -25,7 +25,7 @@ from trainer.export import export_lora
 from trainer.faults import StepDecision, StopSignals, Watchdog, decide, preempted, too_many_nonfinite
 from trainer.metrics import Reporter
 from trainer.rng import NOISE, derive_seed
-from trainer.run_dir import SampleLog
+from trainer.run_dir import SampleLog, check_shared
 from trainer.shard_format import ShardError
 from trainer.shard_index import ShardIndex
 from trainer.spec import RunSpec
@@ -40,10 +40,10 @@ def train(spec: RunSpec) -> Path | None:
     plan = preflight(spec)
     try:
         run, index, state = build(spec, plan)
+        reporter = open_run_dir(run, plan, index, state)
     except UserError as exc:
-        exc.on_every_rank = True  # start-up sees the same files on every rank: one message is enough
+        exc.on_every_rank = True  # start-up decides the same on every rank: one message is enough
         raise
-    reporter = open_run_dir(run, plan, index, state)
     dataset = MicroBatches(index, seed=spec.run.seed, micro_batch_size=spec.data.micro_batch_size,
                            start=state.micro_batches_consumed, rank=run.rank, world_size=dist.get_world_size(),
                            shapes=plan.shapes)
@@ -64,9 +64,9 @@ def open_run_dir(run: Run, plan: Plan, index: ShardIndex, state: TrainerState) -
         SampleLog.truncate_all(run_dir, state.optimizer_step)
         if state.optimizer_step == 0:
             state.data_errors = len(index.faults)
+    check_shared(run_dir, run.rank, all_gather)  # a sync point: rank 0's writes above are done
     reporter = Reporter(run_dir, spec.train.max_steps, active=run.rank == 0, tensorboard=spec.logging.tensorboard,
                         start_step=state.optimizer_step)
-    dist.barrier()
     describe(run, plan, index, state, reporter)
     return reporter
 

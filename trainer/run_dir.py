@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from trainer.data import Batch
@@ -50,6 +53,39 @@ def check_same_samples(marker: dict, fingerprint: str, path: Path) -> None:
         raise UserError(f"checkpoint.resume: {path} cannot continue: data.shards hold other samples (or shapes) than "
                         f"when it was saved, so the sample order cannot go on where it stopped. Restore the shards, "
                         f"or start a new run (another run.output_dir).")
+
+
+def check_shared(run_dir: Path, rank: int, gather: Callable[[object], list]) -> None:
+    """Every rank must see the one run directory: each writes its part of every checkpoint there, and a resume
+    reads them all. Node-local disks would give each node its own partial checkpoints. Rank 0 writes a token,
+    every rank reads it back (call after rank 0 created run_dir, and on every rank: it gathers)."""
+    probe = run_dir / ".shared-check"
+    token = gather(uuid.uuid4().hex if rank == 0 else None)[0]
+    if rank == 0:
+        probe.write_text(token)
+    gather(None)  # the token is written before anyone looks
+    try:
+        seen = probe.read_text() == token
+    except OSError:
+        seen = False
+    views = gather((seen, socket.gethostname()))
+    if rank == 0:
+        probe.unlink()
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise UserError(f"run.output_dir: {run_dir} is not the same directory on every node: "
+                        f"{', '.join(blind[:4])}{' ...' if len(blind) > 4 else ''} cannot see a file rank 0 on "
+                        f"{views[0][1]} wrote there. Put run.output_dir on a filesystem all nodes share (checkpoints "
+                        f"hold a part from every rank)")
+
+
+def check_same_resume_point(resume_from: Path | None, gather: Callable[[object], list]) -> None:
+    """Each rank chose where to resume in preflight, from what it sees in the run directory: they must agree."""
+    choices = gather((str(resume_from) if resume_from else "a fresh start", socket.gethostname()))
+    if len({choice for choice, _ in choices}) > 1:
+        listed = "; ".join(f"rank {r} on {host}: {choice}" for r, (choice, host) in enumerate(choices))
+        raise UserError(f"run.output_dir: the ranks see different checkpoints ({listed}); every node must see the "
+                        f"same run.output_dir (a shared filesystem)")
 
 
 class SampleLog:

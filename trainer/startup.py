@@ -25,7 +25,7 @@ from trainer.engine import COMPUTE_DTYPES, assemble_config, build_engine, init_d
 from trainer.errors import UserError
 from trainer.metrics import Reporter
 from trainer.model import ModelShapes, VideoTransformer, check_lora_targets, resolve_model_dir
-from trainer.run_dir import check_fresh_start, check_resumable, check_same_samples
+from trainer.run_dir import check_fresh_start, check_resumable, check_same_resume_point, check_same_samples
 from trainer.shard_index import ShardIndex, build_index
 from trainer.spec import RunSpec
 from trainer.state import TrainerState, seed_global_rngs
@@ -89,6 +89,7 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its per-rank INFO lines drown the progress
     # DeepSpeed calls torch collectives that torch marks deprecated; one warning per rank per call site.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    check_same_resume_point(plan.resume_from, all_gather)
     index = build_index(plan.shards, plan.shapes, rank, world_size, gather=all_gather)
     if index.faults and spec.data.on_error == "fail":
         raise index.faults[0]
