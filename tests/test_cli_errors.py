@@ -128,6 +128,6 @@ def test_tasks_started_without_rank_variables_are_refused(tmp_path, good_spec):
 
 
 def test_an_srun_task_whose_first_node_does_not_resolve_is_told_to_set_master_addr(tmp_path, good_spec):
-    fails_with(tmp_path, good_spec, "MASTER_ADDR: the first node of the job, 'no-such-node7'",
+    fails_with(tmp_path, good_spec, "MASTER_ADDR: the first node of the step, 'no-such-node7'",
                env={"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "7",
                     "SLURM_JOB_NODELIST": "no-such-node[7-8]"})

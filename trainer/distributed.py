@@ -10,6 +10,8 @@ import torch.distributed as dist
 
 from trainer.errors import UserError
 
+SLURM_PORT_BASE = 20000  # srun tasks meet on 20000 + job id mod 10000 unless MASTER_PORT says otherwise
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -22,15 +24,15 @@ def ensure_process_env() -> None:
     started this process. The deepspeed launcher and torchrun set them all; an ``srun`` task gets them from
     SLURM's; a plain ``python launch/train.py`` is a world of one. Without them DeepSpeed would try MPI
     discovery (and need mpi4py)."""
-    os.environ.update(rank_env(os.environ))
+    os.environ.update(rank_env(os.environ, torch.cuda.device_count()))
 
 
-def rank_env(env) -> dict[str, str]:
+def rank_env(env, visible_gpus: int = 0) -> dict[str, str]:
     """The rank variables to add to ``env`` (nothing when a launcher already set them)."""
     if "RANK" in env and "WORLD_SIZE" in env:
         return {}
     if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:  # a task of an srun step (the batch shell has no step)
-        return slurm_rank_env(env)
+        return slurm_rank_env(env, visible_gpus)
     for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         if env.get(name, "1").isdigit() and int(env.get(name, "1")) > 1:
             # Every task would become its own rank 0 writing into the same run directory: refuse.
@@ -41,16 +43,23 @@ def rank_env(env) -> dict[str, str]:
             "MASTER_PORT": env.get("MASTER_PORT") or str(free_port())}
 
 
-def slurm_rank_env(env) -> dict[str, str]:
+def slurm_rank_env(env, visible_gpus: int) -> dict[str, str]:
     """One srun task per GPU: SLURM_PROCID is the rank, SLURM_LOCALID the local rank, the step's task count
     the world size. The rendezvous is the step's first node, on a port every task derives from the job id
-    (no communication needed); MASTER_ADDR and MASTER_PORT in the environment win."""
+    (no communication needed); MASTER_ADDR and MASTER_PORT in the environment win.
+
+    LOCAL_RANK picks the GPU (DeepSpeed sets the device from it too). Where SLURM binds each task to its own
+    GPU (--gpus-per-task=1, --gpu-bind=single:1) a task sees fewer GPUs than the node has: it takes its
+    local rank modulo what it sees, which is its own one."""
     world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
     if not world or not nodelist:
         raise UserError("an srun task without SLURM_NTASKS or SLURM_JOB_NODELIST: cannot tell the ranks; set "
                         "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT yourself")
-    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": world, "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    local = int(env.get("SLURM_LOCALID", "0"))
+    if 0 < visible_gpus <= local:
+        local %= visible_gpus
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": world, "LOCAL_RANK": str(local)}
     per_node = expand_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""))
     node = int(env.get("SLURM_NODEID", "0"))
     if node < len(per_node):
@@ -59,15 +68,12 @@ def slurm_rank_env(env) -> dict[str, str]:
     try:
         socket.getaddrinfo(addr, None)
     except OSError:
-        raise UserError(f"MASTER_ADDR: the first node of the job, {addr!r} (from {nodelist}), does not resolve "
+        raise UserError(f"MASTER_ADDR: the first node of the step, {addr!r} (from {nodelist}), does not resolve "
                         f"here; export MASTER_ADDR with its address (launch/slurm/train.sbatch asks scontrol for "
                         f"the node's NodeAddr)") from None
     out["MASTER_ADDR"] = addr
     out["MASTER_PORT"] = env.get("MASTER_PORT") or str(SLURM_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % 10000)
     return out
-
-
-SLURM_PORT_BASE = 20000  # srun tasks meet on 20000 + job id mod 10000 unless MASTER_PORT says otherwise
 
 
 def first_host(nodelist: str) -> str:

@@ -117,8 +117,7 @@ def init_distributed(timeout: timedelta) -> None:
     import deepspeed
 
     if torch.cuda.is_available():  # before the first collective: NCCL sends from the current device
-        # modulo: where SLURM binds one GPU to each task (--gpus-per-task=1), every task sees only its own
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(timeout=timeout)
 
 
