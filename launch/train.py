@@ -3,6 +3,7 @@
 
     deepspeed --num_gpus N launch/train.py --spec run.yaml [--set section.key=value ...]
     torchrun --nproc_per_node N launch/train.py --spec run.yaml
+    srun --ntasks-per-node N python launch/train.py --spec run.yaml     (launch/slurm/train.sbatch)
     python launch/train.py --spec run.yaml          (one process)
 
 A mistake in the spec or the data ends with one message naming the field, file or sample, and exit status 2.
@@ -66,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         ignore_stop_signals()  # the checkpoint is saved: keep the exit status whatever arrives now
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(exc, file=sys.stderr)
-        return exc.exit_code
+        # Leave at once: every rank passed the save's last barrier and the logs are closed. A slow teardown
+        # could outlast the KillWait after which SLURM SIGKILLs the ranks, and a killed rank means no requeue.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.exit_code)
     except RuntimeError as exc:
         if not lost_peer(exc):
             raise

@@ -15,7 +15,6 @@ import glob
 import json
 import math
 import random
-import signal
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, Dataset
 
 from trainer.errors import UserError
+from trainer.faults import ignore_stop_signals
 from trainer.model import ModelShapes
 from trainer.rng import DATA_ORDER, derive_seed
 from trainer.shard_format import LATENTS, PROMPT_EMBEDS, ShardError, load_tensor, shard_samples
@@ -182,18 +182,17 @@ class _Endless:
             k += 1
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _worker_init(worker_id: int) -> None:
     """SLURM signals every process of a task, loader workers included. torch's workers die on SIGTERM, and the
     trainer would then fail before its preemption save; the trainer alone acts on these signals, and the
     workers exit when it does."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    ignore_stop_signals()
 
 
 @contextmanager
 def streaming(loader: DataLoader) -> Iterator[Batch]:
     """Iterate a loader and stop its workers on the way out, also on an exception. The workers ignore SIGTERM
-    (_ignore_stop_signals), so the SIGTERM that multiprocessing sends at interpreter exit would not end them:
+    (_worker_init), so the SIGTERM that multiprocessing sends at interpreter exit would not end them:
     they are told to stop through their queues instead."""
     stream = iter(loader)
     try:
@@ -209,7 +208,7 @@ def build_loader(dataset: MicroBatches, *, num_workers: int, pin_memory: bool) -
     # its own generator: iter() draws a base seed, which must not come from (and advance) the global one that
     # a resumed run restores for LoRA dropout
     return DataLoader(dataset, batch_size=None, sampler=_Endless(), num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_ignore_stop_signals,
+                      prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_worker_init,
                       generator=torch.Generator().manual_seed(dataset.seed))
 
 

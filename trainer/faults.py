@@ -45,9 +45,9 @@ class StopSignals:
 
 
 def ignore_stop_signals() -> None:
-    """After a stop has been decided and saved, more stop signals must not turn exit 75 into "killed": srun
-    --kill-on-bad-exit SIGTERMs the ranks still tearing down once the first exits, and Python restores the
-    default handlers (death) during interpreter shutdown, but keeps an "ignore" in place."""
+    """For loader workers (the trainer process alone acts on stop signals), and for the trainer once its stop
+    is saved: then more signals must not turn exit 75 into "killed" (srun --kill-on-bad-exit SIGTERMs the
+    ranks still tearing down once the first one exits)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
