@@ -64,7 +64,8 @@ def open_run_dir(run: Run, plan: Plan, index: ShardIndex, state: TrainerState) -
         SampleLog.truncate_all(run_dir, state.optimizer_step)
         if state.optimizer_step == 0:
             state.data_errors = len(index.faults)
-    check_shared(run_dir, run.rank, all_gather)  # a sync point: rank 0's writes above are done
+    # a sync point (rank 0's writes above are done); an unshared directory is refused within half the timeout
+    check_shared(run_dir, run.rank, all_gather, patience_s=min(60.0, spec.run.collective_timeout_s / 2))
     reporter = Reporter(run_dir, spec.train.max_steps, active=run.rank == 0, tensorboard=spec.logging.tensorboard,
                         start_step=state.optimizer_step)
     describe(run, plan, index, state, reporter)

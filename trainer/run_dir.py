@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -55,19 +56,17 @@ def check_same_samples(marker: dict, fingerprint: str, path: Path) -> None:
                         f"or start a new run (another run.output_dir).")
 
 
-def check_shared(run_dir: Path, rank: int, gather: Callable[[object], list]) -> None:
+def check_shared(run_dir: Path, rank: int, gather: Callable[[object], list], patience_s: float) -> None:
     """Every rank must see the one run directory: each writes its part of every checkpoint there, and a resume
-    reads them all. Node-local disks would give each node its own partial checkpoints. Rank 0 writes a token,
-    every rank reads it back (call after rank 0 created run_dir, and on every rank: it gathers)."""
-    probe = run_dir / ".shared-check"
+    reads them all. Node-local disks would give each node its own partial checkpoints. Rank 0 writes a token
+    under a new name, every rank reads it back (call on every rank: it gathers)."""
     token = gather(uuid.uuid4().hex if rank == 0 else None)[0]
+    probe = run_dir / f".shared-check-{token}"  # a name no node has looked up before
     if rank == 0:
         probe.write_text(token)
     gather(None)  # the token is written before anyone looks
-    try:
-        seen = probe.read_text() == token
-    except OSError:
-        seen = False
+    run_dir.mkdir(parents=True, exist_ok=True)  # on NFS, also refreshes what this node knows of the directory
+    seen = _read_back(probe, token, patience_s)
     views = gather((seen, socket.gethostname()))
     if rank == 0:
         probe.unlink()
@@ -77,6 +76,19 @@ def check_shared(run_dir: Path, rank: int, gather: Callable[[object], list]) -> 
                         f"{', '.join(blind[:4])}{' ...' if len(blind) > 4 else ''} cannot see a file rank 0 on "
                         f"{views[0][1]} wrote there. Put run.output_dir on a filesystem all nodes share (checkpoints "
                         f"hold a part from every rank)")
+
+
+def _read_back(probe: Path, token: str, patience_s: float) -> bool:
+    """An NFS client may remember for up to a minute that the run directory did not exist (the checks before
+    it was created looked it up): keep looking for a while before calling the directory unshared."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return probe.read_text() == token
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1.0)
 
 
 def check_same_resume_point(resume_from: Path | None, gather: Callable[[object], list]) -> None:
