@@ -2,6 +2,7 @@
 and n2 (one CPU each), all on localhost with their own ports, state under a temporary directory. Jobs run as
 the user who submits them, with the submitter's environment (sbatch's default --export=ALL).
 
+JobRequeue=0: a job is requeued only if it asked for it (#SBATCH --requeue), so the tests see that line work.
 Needs Debian's slurmctld, slurmd, slurm-client and munge (tests/slurm/install.sh) and root, as the daemons do.
 """
 
@@ -67,6 +68,7 @@ InactiveLimit=0
 KillWait=5
 MinJobAge=300
 Waittime=0
+JobRequeue=0
 NodeName=n1 NodeHostname={host} NodeAddr=127.0.0.1 Port={n1_port} CPUs=1 RealMemory={memory_mb}
 NodeName=n2 NodeHostname={host} NodeAddr=127.0.0.1 Port={n2_port} CPUs=1 RealMemory={memory_mb}
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP

@@ -94,9 +94,13 @@ def test_a_signalled_job_saves_requeues_resumes_and_ends_equal(cluster, uninterr
     cluster.run("scancel", "--signal=USR1", job_id)
 
     # SLURM holds a requeued job for about two minutes (its BeginTime); release it at once.
-    state = cluster.wait_for("the requeue", lambda: (s := cluster.job_state(job_id)["JobState"]) not in (
-        "RUNNING", "COMPLETING") and s, timeout=120)
-    assert state == "PENDING", f"job {job_id} is {state}, not requeued:\n{log.read_text()[-3000:]}"
+    def requeued():
+        state = cluster.job_state(job_id)["JobState"]
+        assert state in ("RUNNING", "COMPLETING", "REQUEUED", "PENDING"), \
+            f"job {job_id} is {state}, not requeued:\n{log.read_text()[-3000:]}"
+        return state == "PENDING"
+
+    cluster.wait_for("the requeue", requeued, timeout=120)
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     text = finished(proc, log)
 

@@ -13,4 +13,4 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
-echo "installed: $(sbatch --version), munge $(dpkg-query -W -f '${Version}' munge)"
+echo "installed: $(dpkg-query -W -f 'slurm-client ${Version}, munge ' slurm-client) $(dpkg-query -W -f '${Version}' munge)"
