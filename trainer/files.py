@@ -28,10 +28,16 @@ def atomic_write(path: Path, data: bytes, tag: str = "") -> None:
 
 
 def fsync_tree(root: Path) -> None:
-    """Flush every file under ``root`` (written by libraries that do not fsync) and the folders holding them."""
+    """Flush every file under ``root`` (written by libraries that do not fsync) and the folders holding them.
+
+    Other ranks may still be writing into the same tree: a file can vanish between listing and opening (a
+    temporary renamed into place). Its writer flushes the final file in its own call, so skip it here."""
     for folder, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
             try:
                 os.fsync(fd)
             finally:
