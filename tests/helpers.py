@@ -77,5 +77,15 @@ def rewrite_shards(src: Path, dst: Path, edit) -> list[Path]:
     return out
 
 
+def skip_or_fail(reason: str) -> None:
+    """A cluster test that cannot run here is skipped with the reason; where REQUIRE_CLUSTER_TESTS=1 (.ci/run,
+    on machines that can install the tools) that is a failure instead."""
+    import pytest
+
+    if os.environ.get("REQUIRE_CLUSTER_TESTS") == "1":
+        pytest.fail(f"REQUIRE_CLUSTER_TESTS=1 but {reason}")
+    pytest.skip(reason)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -3,7 +3,7 @@ and n2 (one CPU each), all on localhost with their own ports, state under a temp
 the user who submits them, with the submitter's environment (sbatch's default --export=ALL).
 
 JobRequeue=0: a job is requeued only if it asked for it (#SBATCH --requeue), so the tests see that line work.
-Needs Debian's slurmctld, slurmd, slurm-client and munge (tests/slurm/install.sh) and root, as the daemons do.
+Needs Debian's slurmctld, slurmd, slurm-client and munge (tests/install_cluster_tools.sh) and root, as the daemons do.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def unavailable() -> str | None:
     """Why a cluster cannot be started here, or None."""
     missing = [p for p in PROGRAMS if shutil.which(p, path=SEARCH) is None]
     if missing:
-        return f"SLURM is not installed (missing {', '.join(missing)}): run tests/slurm/install.sh as root"
+        return f"SLURM is not installed (missing {', '.join(missing)}): run tests/install_cluster_tools.sh as root"
     if os.geteuid() != 0:
         return "the SLURM daemons need root"
     return None

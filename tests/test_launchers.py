@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, read_metrics, run_train, train_env
+from helpers import REPO, read_metrics, run_train, skip_or_fail, train_env
 from trainer.distributed import SLURM_PORT_BASE, expand_tasks_per_node, first_host, free_port, rank_env
 
 STEPS = 4
@@ -108,6 +109,56 @@ def no_ssh_nodes(tmp_path: Path, args: list[str], node1_prefix: list[str] = ()) 
 @pytest.mark.slow
 def test_two_nodes_without_ssh_equal_two_ranks_on_one_node(reference, tiny_5b, shards_10, tmp_path):
     finish(no_ssh_nodes(tmp_path, spec_args(tiny_5b, shards_10, tmp_path / "run")))
+    assert_same_run(tmp_path / "run", reference)
+
+
+@pytest.fixture
+def ssh_server(tmp_path):
+    """An sshd on a free localhost port that accepts a key made for this test; the client options pdsh needs
+    to use it. Needs root (sshd) and pdsh: tests/install_cluster_tools.sh."""
+    sshd = shutil.which("sshd", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
+    if os.geteuid() != 0 or not sshd or not shutil.which("pdsh") or not shutil.which("ssh-keygen"):
+        skip_or_fail("the ssh multi-node test needs root, sshd, ssh-keygen and pdsh (tests/install_cluster_tools.sh)")
+    keys = tmp_path / "ssh"
+    keys.mkdir()
+    for name in ("host", "user"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)], check=True)
+    (keys / "authorized_keys").write_bytes((keys / "user.pub").read_bytes())
+    port = free_port()
+    (keys / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {keys / 'host'}\nAuthorizedKeysFile {keys / 'authorized_keys'}\n"
+        f"PasswordAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
+        f"PidFile {keys / 'sshd.pid'}\n")
+    Path("/run/sshd").mkdir(exist_ok=True)  # its privilege separation directory
+    subprocess.run([sshd, "-f", str(keys / "sshd_config"), "-E", str(keys / "sshd.log")], check=True)
+    client = (f"-i {keys / 'user'} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR "
+              f"-o BatchMode=yes")  # the port comes from deepspeed's --ssh_port
+    try:
+        probe = subprocess.run(["ssh", "-p", str(port), *client.split(), "127.0.0.1", "true"], capture_output=True,
+                               text=True, timeout=30)
+        assert probe.returncode == 0, f"{probe.stderr}\n{(keys / 'sshd.log').read_text()}"
+        yield port, client
+    finally:
+        os.kill(int((keys / "sshd.pid").read_text()), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_two_nodes_over_ssh_with_pdsh_equal_two_ranks_on_one_node(reference, ssh_server, tiny_5b, shards_10,
+                                                                  tmp_path):
+    """The deepspeed launcher's default multi-node mode: a hostfile, pdsh starting one launcher per host over
+    ssh. "localhost" and "127.0.0.1" are two hosts to it; both are this machine."""
+    port, client = ssh_server
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    # What the ranks need from this environment goes through the deepspeed_env file (an ssh login has none of it)
+    env_file = tmp_path / "deepspeed_env"
+    env_file.write_text(f"OMP_NUM_THREADS=1\nTORCH_EXTENSIONS_DIR={train_env()['TORCH_EXTENSIONS_DIR']}\n")
+    env = {**without_rank_variables(), "DS_ENV_FILE": str(env_file), "PDSH_SSH_ARGS_APPEND": client}
+    launcher = Path(sys.executable).with_name("deepspeed")
+    # --no_ssh_check: its probe uses ssh's defaults (~/.ssh), not this test's key
+    finish([start([str(launcher), "--hostfile", str(hostfile), "--ssh_port", str(port), "--no_ssh_check",
+                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                   *spec_args(tiny_5b, shards_10, tmp_path / "run")], env)])
     assert_same_run(tmp_path / "run", reference)
 
 

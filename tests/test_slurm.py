@@ -1,12 +1,11 @@
 """The project's own sbatch scripts on a real SLURM (two simulated nodes on this machine, one task each).
 
 Skipped, with the reason, where SLURM cannot be installed or started; .ci/run installs it and sets
-REQUIRE_SLURM=1, which turns a skip into a failure. Nothing here fakes srun or sbatch.
+REQUIRE_CLUSTER_TESTS=1, which turns a skip into a failure. Nothing here fakes srun or sbatch.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import slurm_cluster
-from helpers import REPO, read_metrics, train_env
+from helpers import REPO, read_metrics, skip_or_fail, train_env
 
 pytestmark = pytest.mark.slow
 STEPS = 300  # enough optimizer steps (about 0.05 s each here) for a signal to arrive in the middle of training
@@ -28,9 +27,7 @@ SIGNAL_AFTER = 10
 def cluster(tmp_path_factory):
     reason = slurm_cluster.unavailable()
     if reason:
-        if os.environ.get("REQUIRE_SLURM") == "1":
-            pytest.fail(f"REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
+        skip_or_fail(reason)
     cluster = slurm_cluster.start(tmp_path_factory.mktemp("slurm"))
     yield cluster
     slurm_cluster.stop(cluster)
