@@ -32,7 +32,7 @@ from data_tools.encode import Encoder, default_device, latent_geometry  # noqa: 
 from data_tools.inputs import InputError, fingerprint, read_inputs  # noqa: E402
 from data_tools.progress import Progress  # noqa: E402
 from data_tools.video import Bucket, parse_buckets  # noqa: E402
-from trainer.distributed import share_cpu_threads  # noqa: E402
+from trainer.distributed import share_cpu_threads, srun_task  # noqa: E402
 from trainer.errors import EXIT_USER_ERROR, UserError  # noqa: E402
 from trainer.model import read_transformer_config  # noqa: E402
 
@@ -82,9 +82,8 @@ def rank_and_world(args: argparse.Namespace) -> tuple[int, int, int]:
     else a single process. A plain `python shard.py` in an sbatch script (no step) packs everything itself,
     although SLURM_NTASKS there counts the whole allocation."""
     env = os.environ
-    in_step = "SLURM_STEP_ID" in env and "SLURM_PROCID" in env
-    rank = args.rank if args.rank is not None else int(env.get("RANK", env["SLURM_PROCID"] if in_step else 0))
-    slurm_world = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", 1)) if in_step else 1
+    slurm_rank, slurm_world = srun_task(env) or (0, 1)
+    rank = args.rank if args.rank is not None else int(env.get("RANK", slurm_rank))
     world = args.world_size if args.world_size is not None else int(env.get("WORLD_SIZE", slurm_world))
     if world < 1 or not 0 <= rank < world:
         raise UserError(f"--rank {rank} / --world-size {world}: the rank must be in [0, world size)")

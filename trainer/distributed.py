@@ -31,7 +31,7 @@ def rank_env(env, visible_gpus: int = 0) -> dict[str, str]:
     """The rank variables to add to ``env`` (nothing when a launcher already set them)."""
     if "RANK" in env and "WORLD_SIZE" in env:
         return {}
-    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:  # a task of an srun step (the batch shell has no step)
+    if srun_task(env):
         return slurm_rank_env(env, visible_gpus)
     for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         if env.get(name, "1").isdigit() and int(env.get(name, "1")) > 1:
@@ -43,6 +43,15 @@ def rank_env(env, visible_gpus: int = 0) -> dict[str, str]:
             "MASTER_PORT": env.get("MASTER_PORT") or str(free_port())}
 
 
+def srun_task(env) -> tuple[int, int] | None:
+    """(rank, world size) of a task of an srun step; None elsewhere, the sbatch script's shell included (it has
+    SLURM_PROCID=0 and the allocation's SLURM_NTASKS, but no step)."""
+    world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
+    if "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env or not world:
+        return None
+    return int(env["SLURM_PROCID"]), int(world)
+
+
 def slurm_rank_env(env, visible_gpus: int) -> dict[str, str]:
     """One srun task per GPU: SLURM_PROCID is the rank, SLURM_LOCALID the local rank, the step's task count
     the world size. The rendezvous is the step's first node, on a port every task derives from the job id
@@ -51,15 +60,15 @@ def slurm_rank_env(env, visible_gpus: int) -> dict[str, str]:
     LOCAL_RANK picks the GPU (DeepSpeed sets the device from it too). Where SLURM binds each task to its own
     GPU (--gpus-per-task=1, --gpu-bind=single:1) a task sees fewer GPUs than the node has: it takes its
     local rank modulo what it sees, which is its own one."""
-    world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
+    rank, world = srun_task(env)
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
-    if not world or not nodelist:
-        raise UserError("an srun task without SLURM_NTASKS or SLURM_JOB_NODELIST: cannot tell the ranks; set "
-                        "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT yourself")
+    if not nodelist:
+        raise UserError("an srun task without SLURM_JOB_NODELIST: cannot find the first node; set MASTER_ADDR and "
+                        "MASTER_PORT yourself")
     local = int(env.get("SLURM_LOCALID", "0"))
     if 0 < visible_gpus <= local:
         local %= visible_gpus
-    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": world, "LOCAL_RANK": str(local)}
+    out = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local)}
     per_node = expand_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""))
     node = int(env.get("SLURM_NODEID", "0"))
     if node < len(per_node):
