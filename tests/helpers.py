@@ -53,6 +53,24 @@ def run_train(spec: Path, *, ranks: int | None = None, overrides: tuple[str, ...
                           timeout=timeout)
 
 
+def lora(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """The exported LoRA tensors are torch.equal and every optimizer step logged the same loss, once."""
+    import torch
+
+    ours, theirs = lora(run_dir), lora(reference)
+    assert ours.keys() == theirs.keys()
+    different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not different, f"{len(different)} LoRA tensors differ, e.g. {different[:2]}"
+    losses = [(m["optimizer_step"], m["loss"]) for m in read_metrics(run_dir)]
+    assert losses == [(m["optimizer_step"], m["loss"]) for m in read_metrics(reference)]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

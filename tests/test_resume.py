@@ -19,9 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from helpers import REPO, read_metrics, run_train, train_env, zero_config
+from helpers import REPO, assert_same_run, lora, read_metrics, run_train, train_env, zero_config
 from trainer.distributed import free_port
 from trainer.errors import EXIT_PREEMPTED
 
@@ -49,19 +48,6 @@ def rank_processes(proc: subprocess.Popen) -> list[psutil.Process]:
     loader workers: SLURM signals every process of a task."""
     return [p for p in psutil.Process(proc.pid).children(recursive=True)
             if any(a.startswith("--local_rank") for a in p.cmdline())]
-
-
-def lora(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
-
-
-def assert_same_run(run_dir: Path, reference: Path) -> None:
-    ours, theirs = lora(run_dir), lora(reference)
-    assert ours.keys() == theirs.keys()
-    different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
-    assert not different, f"{len(different)} LoRA tensors differ, e.g. {different[:2]}"
-    losses = [(m["optimizer_step"], m["loss"]) for m in read_metrics(run_dir)]
-    assert losses == [(m["optimizer_step"], m["loss"]) for m in read_metrics(reference)]  # every step, once
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])

@@ -12,11 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 import slurm_cluster
-from helpers import REPO, read_metrics, skip_or_fail, train_env
+from helpers import REPO, assert_same_run, lora, read_metrics, skip_or_fail, train_env
 
 pytestmark = pytest.mark.slow
 STEPS = 300  # enough optimizer steps (about 0.05 s each here) for a signal to arrive in the middle of training
@@ -71,8 +69,8 @@ def test_the_sbatch_script_trains_on_two_nodes_and_exports_the_lora(uninterrupte
     run_dir, log = uninterrupted
     assert "on n[1-2]: 2 ranks, rendezvous 127.0.0.1:" in log
     assert "ZeRO-2, 2 rank(s)" in log
-    lora = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
-    assert lora and all(t.isfinite().all() for t in lora.values())
+    exported = lora(run_dir)
+    assert exported and all(t.isfinite().all() for t in exported.values())
     assert [m["optimizer_step"] for m in read_metrics(run_dir)] == list(range(1, STEPS + 1))
     assert "ranks exited with status 0" in log
 
@@ -107,10 +105,7 @@ def test_a_signalled_job_saves_requeues_resumes_and_ends_equal(cluster, uninterr
     assert f"job {job_id} (restart 1)" in text
     assert f"resumed: from {run_dir}/checkpoints/step_{int(stopped.group(1)):08d}" in text
     assert cluster.job_state(job_id)["Restarts"] == "1"
-    ours, theirs = (load_file(d / "lora" / "pytorch_lora_weights.safetensors") for d in (run_dir, reference))
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    losses = [(m["optimizer_step"], m["loss"]) for m in read_metrics(run_dir)]
-    assert losses == [(m["optimizer_step"], m["loss"]) for m in read_metrics(reference)]
+    assert_same_run(run_dir, reference)
 
 
 def test_the_packing_script_packs_on_two_nodes_like_one_process(cluster, tiny_5b, videos, tmp_path):
