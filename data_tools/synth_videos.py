@@ -16,12 +16,11 @@ if __name__ == "__main__":  # put the repo first on sys.path instead of data_too
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadow the standard library's inspect module
 
 import argparse
-from fractions import Fraction
 
-import av
 import numpy as np
 
 from data_tools.synth import COLOURS, MOTIONS, SHAPES, caption  # noqa: E402
+from trainer.media import write_mp4  # noqa: E402
 
 RGB = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (240, 220, 40),
        "white": (245, 245, 245), "orange": (250, 140, 20), "purple": (150, 50, 200), "cyan": (40, 220, 220)}
@@ -56,20 +55,6 @@ def frames_for(i: int, frames: int, height: int, width: int) -> np.ndarray:
         img[_mask(shape, yy, xx, cy, cx, r)] = RGB[colour]
         out[f] = img.astype(np.uint8)
     return out
-
-
-def write_mp4(path: Path, frames: np.ndarray, fps: int) -> Path:
-    """H.264 (yuv420p, so height and width must be even), constant frame rate."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps))
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18", "preset": "fast"}
-        for image in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        container.mux(stream.encode())  # flush
-    return path
 
 
 def write_synthetic_videos(out: Path, count: int, frames: int = 12, height: int = 120, width: int = 160,

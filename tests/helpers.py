@@ -71,8 +71,10 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert losses == [(m["optimizer_step"], m["loss"]) for m in read_metrics(reference)]
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(run_dir: Path, validation: bool = False) -> list[dict]:
+    """The training records of metrics.jsonl, or with validation=True the validation records."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if ("val_loss" in r) == validation]
 
 
 def rewrite_shards(src: Path, dst: Path, edit) -> list[Path]:

@@ -19,7 +19,8 @@ from transformers import AutoTokenizer, T5EncoderModel
 from data_tools import packing, shard
 from data_tools.inspect import inspect_dataset
 from data_tools.synth import caption
-from data_tools.synth_videos import write_mp4, frames_for, write_synthetic_videos
+from data_tools.synth_videos import frames_for, write_synthetic_videos
+from trainer.media import write_mp4
 from data_tools.video import Bucket, decode_clip
 from helpers import REPO, free_port
 from trainer.shard_format import shard_samples

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.synth_videos import frames_for, write_mp4
+from data_tools.synth_videos import frames_for
+from trainer.media import write_mp4
 from data_tools.video import Bucket, Probe, VideoError, choose_bucket, decode_clip, parse_buckets, probe, resize_crop
 
 

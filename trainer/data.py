@@ -43,8 +43,9 @@ class Batch(NamedTuple):
     position: tuple[int, int]  # (epoch, micro-batch within the epoch) of this micro-batch
 
 
-def resolve_shards(shards: str | list[str]) -> list[str]:
-    """Expand data.shards (brace patterns, globs, directories, files) into an ordered list of .tar paths."""
+def resolve_shards(shards: str | list[str], field: str = "data.shards") -> list[str]:
+    """Expand data.shards (brace patterns, globs, directories, files) into an ordered list of .tar paths;
+    errors name ``field``."""
     found: list[str] = []
     for entry in [shards] if isinstance(shards, str) else shards:
         if "{" in entry:
@@ -52,7 +53,7 @@ def resolve_shards(shards: str | list[str]) -> list[str]:
             missing = [p for p in paths if not Path(p).is_file()]
             if missing:
                 more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-                raise UserError(f"data.shards: {entry!r} names missing files: {', '.join(missing[:3])}{more}")
+                raise UserError(f"{field}: {entry!r} names missing files: {', '.join(missing[:3])}{more}")
         elif Path(entry).is_dir():
             paths = sorted(str(p) for p in Path(entry).glob("*.tar"))
         elif any(ch in entry for ch in "*?["):
@@ -60,9 +61,9 @@ def resolve_shards(shards: str | list[str]) -> list[str]:
         elif Path(entry).is_file():
             paths = [entry]
         else:
-            raise UserError(f"data.shards: no such file or directory: {entry}")
+            raise UserError(f"{field}: no such file or directory: {entry}")
         if not paths:
-            raise UserError(f"data.shards: {entry!r} matches no .tar file")
+            raise UserError(f"{field}: {entry!r} matches no .tar file")
         found.extend(paths)
     return list(dict.fromkeys(found))  # drop repeats, keep order
 
@@ -80,7 +81,7 @@ def check_first_sample(shards: list[str], shapes: ModelShapes) -> None:
             return
 
 
-def check_latent_scale(shards: list[str], model_dir: Path) -> None:
+def check_latent_scale(shards: list[str], model_dir: Path, field: str = "data.shards") -> None:
     """Latents packed for another model's VAE can have the right shape and the wrong scale (CogVideoX-2B's
     scaling_factor is 1.15, 5B's 0.7): refuse shards whose manifest.json names a different scaling_factor."""
     vae_config = model_dir / "vae" / "config.json"
@@ -93,7 +94,7 @@ def check_latent_scale(shards: list[str], model_dir: Path) -> None:
             continue
         theirs = json.loads(manifest.read_text()).get("model", {}).get("vae", {}).get("scaling_factor")
         if None not in (ours, theirs) and not math.isclose(ours, theirs, rel_tol=1e-6):
-            raise UserError(f"data.shards: {folder} was packed with a VAE scaling_factor of {theirs} "
+            raise UserError(f"{field}: {folder} was packed with a VAE scaling_factor of {theirs} "
                             f"({manifest}), but model.path's VAE has {ours}: these latents are for another model. "
                             f"Repack them with data_tools/shard.py --model {model_dir}")
 
@@ -153,20 +154,24 @@ class MicroBatches(Dataset):
                      faults, (epoch, j))
 
     def read(self, ref: SampleRef) -> tuple[torch.Tensor, torch.Tensor]:
-        shard = self.index.shards[ref.shard]
-        try:
-            with open(shard, "rb") as file:
-                latents = load_tensor(_read(file, ref.latents), LATENTS, "latents", 4, shard, ref.key)
-                prompt = load_tensor(_read(file, ref.prompt_embeds), PROMPT_EMBEDS, "prompt_embeds", 2, shard,
-                                     ref.key)
-        except OSError as exc:
-            raise ShardError(shard, ref.key, f"cannot be read ({exc})") from None
-        for name, tensor in (("latents", latents), ("prompt_embeds", prompt)):
-            if not torch.isfinite(tensor).all():
-                raise ShardError(shard, ref.key, f"{name} hold NaN or inf values")
-        if tuple(latents.shape) != ref.shape:
-            raise ShardError(shard, ref.key, f"latents changed shape since start-up: {list(latents.shape)}")
-        return latents, prompt
+        return read_sample(self.index, ref)
+
+
+def read_sample(index: ShardIndex, ref: SampleRef) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, prompt embeddings) of one indexed sample, read by offset; a ShardError names shard and key."""
+    shard = index.shards[ref.shard]
+    try:
+        with open(shard, "rb") as file:
+            latents = load_tensor(_read(file, ref.latents), LATENTS, "latents", 4, shard, ref.key)
+            prompt = load_tensor(_read(file, ref.prompt_embeds), PROMPT_EMBEDS, "prompt_embeds", 2, shard, ref.key)
+    except OSError as exc:
+        raise ShardError(shard, ref.key, f"cannot be read ({exc})") from None
+    for name, tensor in (("latents", latents), ("prompt_embeds", prompt)):
+        if not torch.isfinite(tensor).all():
+            raise ShardError(shard, ref.key, f"{name} hold NaN or inf values")
+    if tuple(latents.shape) != ref.shape:
+        raise ShardError(shard, ref.key, f"latents changed shape since start-up: {list(latents.shape)}")
+    return latents, prompt
 
 
 def _read(file, extent: Extent) -> bytes:
@@ -213,4 +218,4 @@ def build_loader(dataset: MicroBatches, *, num_workers: int, pin_memory: bool) -
 
 
 __all__ = ["Batch", "MicroBatches", "ShardError", "build_loader", "check_first_sample", "check_latent_scale",
-           "resolve_shards", "streaming"]
+           "read_sample", "resolve_shards", "streaming"]

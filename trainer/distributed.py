@@ -136,6 +136,13 @@ def share_cpu_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
 
 
+def all_gather(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank. A collective."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)  # our own ranks' objects, over our own process group
+    return gathered
+
+
 def sum_across_ranks(values: list) -> torch.Tensor:
     """All-reduce sum of a few numbers (device tensors or Python numbers) as one float64 vector on the CPU.
     A sync point: call it on log steps only."""

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from trainer.checkpoint import Checkpointer
 from trainer.data import Batch, MicroBatches, build_loader, streaming
-from trainer.distributed import sum_across_ranks
+from trainer.distributed import all_gather, sum_across_ranks
 from trainer.errors import UserError
 from trainer.export import export_lora
 from trainer.faults import StepDecision, StopSignals, Watchdog, decide, preempted, too_many_nonfinite
@@ -29,7 +29,7 @@ from trainer.run_dir import SampleLog, check_shared
 from trainer.shard_format import ShardError
 from trainer.shard_index import ShardIndex
 from trainer.spec import RunSpec
-from trainer.startup import Plan, Run, all_gather, build, describe, preflight
+from trainer.startup import Plan, Run, build, describe, preflight
 from trainer.state import TrainerState
 
 
@@ -106,6 +106,8 @@ class Loop:
         if give_up:
             self.reporter.close()
             raise too_many_nonfinite(state.consecutive_nonfinite, optimizer_step, self.last_checkpoint)
+        if self.run.validation is not None and not decision.stop:  # a stop saves at once; the resume validates
+            self.run.validation(self.run, optimizer_step, self.reporter, self.watchdog.progress)
         if save:
             self.save(optimizer_step)
         if decision.stop:

@@ -71,6 +71,35 @@ class Reporter:
             f"  data errors {values['data_errors']:.0f}" if values.get("data_errors") else "")
         self.print(f"step {optimizer_step:>7}  {status}  {values['samples_per_s']:.2f} samples/s{skipped}")
 
+    @property
+    def tensorboard(self) -> bool:
+        return self._writer is not None
+
+    def log_validation(self, optimizer_step: int, values: dict[str, float]) -> None:
+        """Validation numbers: their own record in metrics.jsonl, validation/* in TensorBoard, one console line."""
+        if not self.active:
+            return
+        self._jsonl.write(json.dumps({"optimizer_step": optimizer_step, "time": time.time(), **values}) + "\n")
+        if self._writer is not None:
+            for name, value in values.items():
+                self._writer.add_scalar(f"validation/{name.removeprefix('val_')}", value, optimizer_step)
+        self.print(f"step {optimizer_step:>7}  validation loss {values['val_loss']:.4f}")
+
+    def video(self, tag: str, frames, fps: int, optimizer_step: int) -> None:
+        """A video as an animated GIF in TensorBoard's image tab (what SummaryWriter.add_video writes, without
+        its moviepy dependency)."""
+        if self._writer is None:
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        from trainer.media import gif_bytes
+
+        gif = gif_bytes(frames, fps)
+        height, width = frames.shape[1:3]
+        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif)
+        self._writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]),
+                                                   optimizer_step)
+
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()

@@ -24,8 +24,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 REQUIRED_FILES = ("transformer/config.json", "scheduler/scheduler_config.json")
 
 
-def resolve_model_dir(path: str) -> Path:
-    """A local CogVideoX directory, or a hub id fetched (transformer and scheduler only) into the HF cache."""
+def resolve_model_dir(path: str, sampling: bool = False) -> Path:
+    """A local CogVideoX directory, or a hub id fetched into the HF cache: the transformer and scheduler, and
+    with ``sampling`` (validation videos) the VAE, tokenizer and text encoder too."""
     local = Path(path).expanduser()
     if local.exists():
         missing = [f for f in REQUIRED_FILES if not (local / f).is_file()]
@@ -37,11 +38,11 @@ def resolve_model_dir(path: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        fetched = snapshot_download(path, allow_patterns=["model_index.json", "transformer/*", "scheduler/*",
-                                                         "vae/config.json"])  # to check shards' latent scale
+        parts = ["vae/*", "tokenizer/*", "text_encoder/*"] if sampling else ["vae/config.json"]  # the latent scale
+        fetched = snapshot_download(path, allow_patterns=["model_index.json", "transformer/*", "scheduler/*", *parts])
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
         raise UserError(f"model.path: {path!r} is not a local directory and could not be fetched from the hub ({exc})")
-    return resolve_model_dir(fetched)
+    return resolve_model_dir(fetched, sampling)
 
 
 def read_transformer_config(model_dir: Path) -> dict:

@@ -7,7 +7,7 @@ import numpy as np
 
 # Stream tags keep the seeds of different consumers apart. Never renumber: packed latents depend on VAE_NOISE
 # (DATA_SHUFFLE is retired: the data order is one permutation per epoch now).
-TIMESTEPS, NOISE, DATA_ORDER, DATA_SHUFFLE, LORA_INIT, VAE_NOISE, GLOBAL_RNG = range(7)
+TIMESTEPS, NOISE, DATA_ORDER, DATA_SHUFFLE, LORA_INIT, VAE_NOISE, GLOBAL_RNG, VALIDATION_NOISE = range(8)
 
 
 def derive_seed(*parts: int) -> int:

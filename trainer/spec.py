@@ -116,6 +116,34 @@ class LoggingSection(_Section):
     sample_keys: bool = False
 
 
+class ValidationLossSection(_Section):
+    # Held-out shards (same forms as data.shards); null: no validation loss.
+    shards: str | list[str] | None = None
+    every_steps: int = Field(0, ge=0)  # 0: only at the end
+    # Each sample is scored at this many fixed timesteps (evenly spaced quantiles of [0, T)) with fixed noise,
+    # so the number is comparable between steps and between runs.
+    timesteps: int = Field(10, gt=0, le=1000)
+    max_samples: int | None = Field(None, gt=0)  # the first N samples of the held-out shards
+
+
+class ValidationSection(_Section):
+    # Videos sampled with CogVideoXPipeline, the training transformer and its current LoRA; none: no videos.
+    prompts: list[str] = Field(default_factory=list)
+    negative_prompt: str = ""
+    every_steps: int = Field(0, ge=0)  # also at the end of the run; 0: only at the end
+    num_frames: int = Field(49, gt=0)
+    height: int = Field(480, gt=0)
+    width: int = Field(720, gt=0)
+    num_inference_steps: int = Field(50, gt=0)
+    guidance_scale: float = Field(6.0, ge=1.0)  # 1: no classifier-free guidance
+    use_dynamic_cfg: bool = False  # CogVideoX-5B's recommended schedule of the guidance scale
+    seed: int = Field(42, ge=0)  # every prompt starts from this seed's noise, as in diffusers
+    fps: int = Field(8, gt=0)
+    # Write the LoRA the videos were made with beside them (samples/step_N/lora/), to keep the best step's.
+    save_lora: bool = True
+    loss: ValidationLossSection = ValidationLossSection()
+
+
 class RunSpec(_Section):
     run: RunSection = RunSection()
     model: ModelSection
@@ -126,6 +154,7 @@ class RunSpec(_Section):
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     checkpoint: CheckpointSection = CheckpointSection()
     logging: LoggingSection = LoggingSection()
+    validation: ValidationSection = ValidationSection()
 
     @model_validator(mode="after")
     def _cross_field(self) -> RunSpec:

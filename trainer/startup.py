@@ -20,7 +20,7 @@ import torch.distributed as dist
 from trainer.checkpoint import ensure_universal, load_checkpoint, read_marker, resume_point
 from trainer.data import check_first_sample, check_latent_scale, resolve_shards
 from trainer.diffusion import Objective, TimestepSampler
-from trainer.distributed import env_world_size, share_cpu_threads
+from trainer.distributed import all_gather, env_world_size, share_cpu_threads
 from trainer.engine import COMPUTE_DTYPES, assemble_config, build_engine, init_distributed
 from trainer.errors import UserError
 from trainer.metrics import Reporter
@@ -29,6 +29,7 @@ from trainer.run_dir import check_fresh_start, check_resumable, check_same_resum
 from trainer.shard_index import ShardIndex, build_index
 from trainer.spec import RunSpec
 from trainer.state import TrainerState, seed_global_rngs
+from trainer.validation import Validation, preflight_validation
 
 
 @dataclass(frozen=True)
@@ -42,16 +43,18 @@ class Plan:
     ds_config: dict
     resume_from: Path | None  # a complete checkpoint to continue from
     universal: bool  # it was saved by another number of ranks: load DeepSpeed's universal conversion
+    validation_shards: list[str]  # held-out shards for the validation loss (maybe none)
 
 
 def preflight(spec: RunSpec) -> Plan:
-    model_dir = resolve_model_dir(spec.model.path)
+    model_dir = resolve_model_dir(spec.model.path, sampling=bool(spec.validation.prompts))
     shapes = ModelShapes.from_model_dir(model_dir)
     check_lora_targets(model_dir, list(spec.lora.target_modules))
     objective = Objective.from_model_dir(model_dir)
     shards = resolve_shards(spec.data.shards)
     check_first_sample(shards, shapes)
     check_latent_scale(shards, model_dir)
+    validation_shards = preflight_validation(spec, model_dir, shapes)
     world_size = env_world_size()
     ds_config = assemble_config(spec, world_size)
     resume_from, universal = resume_point(spec.checkpoint.resume, spec.run.dir / "checkpoints"), False
@@ -63,7 +66,7 @@ def preflight(spec: RunSpec) -> Plan:
         universal = marker["world_size"] != world_size
         if universal:  # DeepSpeed reads this flag when the engine is built
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    return Plan(model_dir, shapes, objective, shards, ds_config, resume_from, universal)
+    return Plan(model_dir, shapes, objective, shards, ds_config, resume_from, universal, validation_shards)
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Run:
     noise: torch.Generator
     dtype: torch.dtype
     rank: int
+    validation: Validation | None
     heartbeat: Callable[[str], None] = lambda what: None  # tells the watchdog the run is alive
 
 
@@ -98,6 +102,9 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
                         f"problem(s); the first: {index.faults[0] if index.faults else 'none'})")
     if plan.resume_from is not None:
         check_same_samples(read_marker(plan.resume_from), index.fingerprint(), plan.resume_from)
+    # before the transformer is loaded: T5 comes and goes while the device is still empty
+    validation = Validation.prepare(spec, plan.model_dir, plan.shapes, plan.validation_shards, rank, world_size,
+                                    all_gather)
     dtype = COMPUTE_DTYPES[spec.train.precision]
     model = VideoTransformer.from_pretrained(plan.model_dir, spec.lora, dtype, spec.model.gradient_checkpointing,
                                              spec.run.seed)
@@ -107,7 +114,7 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
         spec.train.timestep_sampling, seed=spec.run.seed, rank=rank, world_size=world_size,
         micro_batch=spec.data.micro_batch_size, accumulation=spec.train.gradient_accumulation_steps,
         num_train_timesteps=plan.objective.num_train_timesteps, generator=noise)
-    run = Run(spec, engine, model, plan.objective.to(engine.device), timesteps, noise, dtype, rank)
+    run = Run(spec, engine, model, plan.objective.to(engine.device), timesteps, noise, dtype, rank, validation)
 
     if plan.resume_from is None:
         seed_global_rngs(spec.run.seed, rank)
@@ -123,12 +130,6 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
         seed_global_rngs(spec.run.seed, rank, state.optimizer_step)
     state.world_size = world_size
     return run, index, state
-
-
-def all_gather(obj):
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)  # our own ranks' objects, over our own process group
-    return gathered
 
 
 def describe(run: Run, plan: Plan, index: ShardIndex, state: TrainerState, reporter: Reporter) -> None:

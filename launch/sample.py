@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Generate videos from a CogVideoX model directory plus an exported LoRA, as validation does during training.
+
+    python launch/sample.py --spec runs/NAME/spec.yaml --lora runs/NAME/samples/step_000500/lora --out videos/
+    python launch/sample.py --model THUDM/CogVideoX-5b --lora runs/NAME/lora --prompt "a cat ..." --out videos/
+
+With --spec, the model, precision, prompts and sampling settings are the run's validation settings, so the
+videos of a validation step are reproduced from the LoRA saved beside them; any option given overrides them.
+One process, on the GPU when there is one. Writes NNN-<prompt>.mp4 per prompt and prompts.json into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from trainer.errors import EXIT_USER_ERROR, UserError  # noqa: E402
+
+SETTINGS = ("num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "fps")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", type=Path, help="a run spec: model, precision and its validation settings")
+    parser.add_argument("--model", help="CogVideoX model directory or hub id (default: the spec's model.path)")
+    parser.add_argument("--lora", type=Path, help="exported LoRA directory or .safetensors file (none: base model)")
+    parser.add_argument("--prompt", action="append", dest="prompts", help="repeatable (default: the spec's)")
+    parser.add_argument("--negative-prompt")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the mp4 files")
+    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="default: the spec's, else bf16")
+    parser.add_argument("--dynamic-cfg", action=argparse.BooleanOptionalAction, default=None)
+    for name in SETTINGS:
+        kind = float if name == "guidance_scale" else int
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, dest=name)
+    return parser.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace):
+    """The spec's validation section with the command line's choices on top, checked like a spec."""
+    from pydantic import ValidationError
+
+    from trainer.spec import ValidationSection, format_validation_error, load_spec
+
+    spec = load_spec(args.spec) if args.spec else None
+    values = spec.validation.model_dump(exclude={"loss"}) if spec else {}
+    values.update({k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
+    if args.prompts:
+        values["prompts"] = args.prompts
+    if args.negative_prompt is not None:
+        values["negative_prompt"] = args.negative_prompt
+    if args.dynamic_cfg is not None:
+        values["use_dynamic_cfg"] = args.dynamic_cfg
+    try:
+        section = ValidationSection.model_validate(values)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, "launch/sample.py")) from None
+    model = args.model or (spec.model.path if spec else None)
+    if model is None:
+        raise UserError("--model: give a model directory (or --spec, to use its model.path)")
+    if not section.prompts:
+        raise UserError("--prompt: no prompts (give --prompt, or a --spec with validation.prompts)")
+    precision = args.precision or (spec.train.precision if spec else "bf16")
+    return model, section, precision
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model, section, precision = resolve(args)
+        from trainer.model import resolve_model_dir
+        from trainer.sampling import SampleSettings, check_settings
+
+        model_dir = resolve_model_dir(model, sampling=True)
+        settings = SampleSettings.from_section(section)
+        check_settings(settings, model_dir, where="--")
+        if args.lora is not None and not args.lora.exists():
+            raise UserError(f"--lora: no such file or directory: {args.lora}")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    sample(model_dir, args.lora, section, settings, precision, args.out)
+    return 0
+
+
+def sample(model_dir: Path, lora: Path | None, section, settings, precision: str, out: Path) -> list[Path]:
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+
+    from trainer.engine import COMPUTE_DTYPES
+    from trainer.media import write_mp4
+    from trainer.sampling import encode_prompts, generate, load_pipeline, video_names, write_prompt_list
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = COMPUTE_DTYPES[precision]
+    embeds = encode_prompts(model_dir, [*section.prompts, section.negative_prompt])  # T5 is freed again
+    transformer = CogVideoXTransformer3DModel.from_pretrained(model_dir, subfolder="transformer", dtype=dtype)
+    pipe = load_pipeline(model_dir, transformer.to(device), dtype, device)
+    if lora is not None:
+        pipe.load_lora_weights(lora)  # with the file's adapter metadata: the trained alpha / rank scale
+    pipe.transformer.eval()  # the layers load_lora_weights adds come in training mode
+    names = video_names(section.prompts)
+    files = []
+    for i, prompt in enumerate(section.prompts):
+        frames = generate(pipe, embeds[i], embeds[-1], settings)
+        files.append(write_mp4(out / names[i], frames, settings.fps))
+        print(f"{files[-1]}  ({prompt})", flush=True)
+    write_prompt_list(out, section.prompts, settings.seed)
+    return files
+
+
+if __name__ == "__main__":
+    sys.exit(main())

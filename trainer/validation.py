@@ -1,0 +1,217 @@
+"""Validation: videos sampled from the training transformer, and a loss at fixed timesteps and fixed noise.
+
+Both run on every rank at the same optimizer steps, in eval mode (no LoRA dropout), without gradients and with
+every random generator saved and restored, so the training that follows is bit-identical to a run without
+validation. The work is spread over the ranks by prompt and by sample, and every rank runs the same number of
+forward passes: a rank with nothing left repeats one whose result it discards. ZeRO-3 needs that (each layer's
+forward gathers its parameters from every rank), and it keeps the ranks arriving at the closing collective
+together, so none waits out the collective timeout while another samples.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trainer.data import check_first_sample, check_latent_scale, read_sample, resolve_shards
+from trainer.distributed import all_gather
+from trainer.errors import UserError
+from trainer.export import export_lora
+from trainer.media import read_mp4, write_mp4
+from trainer.metrics import Reporter
+from trainer.model import ModelShapes
+from trainer.rng import VALIDATION_NOISE, derive_seed
+from trainer.sampling import (SampleSettings, check_settings, encode_prompts, generate, load_pipeline, video_names,
+                              write_prompt_list)
+from trainer.shard_format import ShardError
+from trainer.shard_index import ShardIndex, build_index
+from trainer.spec import RunSpec
+
+Heartbeat = Callable[[str], None]
+
+
+def preflight_validation(spec: RunSpec, model_dir: Path, shapes: ModelShapes) -> list[str]:
+    """Check the validation section against the model directory; returns the held-out shards (maybe none)."""
+    section = spec.validation
+    if section.prompts:
+        check_settings(SampleSettings.from_section(section), model_dir)
+    if section.loss.shards is None:
+        return []
+    shards = resolve_shards(section.loss.shards, "validation.loss.shards")
+    check_first_sample(shards, shapes)
+    check_latent_scale(shards, model_dir, "validation.loss.shards")
+    return shards
+
+
+def loss_timesteps(count: int, num_train_timesteps: int) -> list[int]:
+    """Evenly spaced quantiles of [0, T): the midpoints of `count` equal strata."""
+    return [int((k + 0.5) * num_train_timesteps / count) for k in range(count)]
+
+
+@contextmanager
+def evaluating(engine) -> Iterator[None]:
+    """Eval mode, no gradients, torch's own linear, and every generator restored afterwards: validation leaves
+    no trace in training, and computes what diffusers computes from the exported LoRA."""
+    training = engine.module.training
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    py_state, np_state = random.getstate(), np.random.get_state()
+    engine.eval()
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), torch_linear():
+            yield
+    finally:
+        engine.train(training)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+@contextmanager
+def torch_linear() -> Iterator[None]:
+    """ZeRO-3 replaces torch.nn.functional.linear process-wide by a matmul followed by a separate bias add (its
+    memory-efficient backward), which rounds differently in bf16: validation videos would not be the ones a user
+    gets from the exported LoRA in diffusers. Put torch's own back while validating (no backward happens here)."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)  # DeepSpeed's saved copy
+    patched = torch.nn.functional.linear
+    if original is None or patched is original:
+        yield
+        return
+    torch.nn.functional.linear = original
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = patched
+
+
+@dataclass
+class Validation:
+    spec: RunSpec
+    model_dir: Path
+    prompt_embeds: torch.Tensor | None  # [P, L, D] on the CPU, encoded once at start-up
+    negative_embeds: torch.Tensor | None  # [L, D]
+    loss_index: ShardIndex | None
+    prompt_shape: tuple[int, int]  # what stands in for a held-out sample that cannot be read
+    pipe: object = None  # the CogVideoXPipeline, built at the first sampling
+
+    @classmethod
+    def prepare(cls, spec: RunSpec, model_dir: Path, shapes: ModelShapes, loss_shards: list[str], rank: int,
+                world_size: int, gather) -> Validation | None:
+        """At start-up, before the transformer is loaded: rank 0 encodes the prompts with the model directory's
+        T5 and frees it (training never holds T5), and every rank indexes the held-out shards."""
+        section = spec.validation
+        if not section.prompts and not loss_shards:
+            return None
+        embeds = negative = None
+        if section.prompts:
+            shared = [encode_prompts(model_dir, [*section.prompts, section.negative_prompt]) if rank == 0 else None]
+            dist.broadcast_object_list(shared, src=0)  # our own tensors, from rank 0 of our own process group
+            embeds, negative = shared[0][:-1], shared[0][-1]
+        index = build_index(loss_shards, shapes, rank, world_size, gather=gather) if loss_shards else None
+        if index is not None and not index.samples:
+            raise UserError(f"validation.loss.shards: no usable sample ({index.faults[0] if index.faults else ''})")
+        return cls(spec, model_dir, embeds, negative, index, (shapes.text_len, shapes.text_dim))
+
+    def due(self, optimizer_step: int) -> tuple[bool, bool]:
+        """(sample videos, compute the loss) after this optimizer step: every N steps and at the end."""
+        section, last = self.spec.validation, optimizer_step == self.spec.train.max_steps
+
+        def at(every: int) -> bool:
+            return last or bool(every and optimizer_step % every == 0)
+
+        return bool(section.prompts) and at(section.every_steps), self.loss_index is not None and at(
+            section.loss.every_steps)
+
+    def __call__(self, run, optimizer_step: int, reporter: Reporter, heartbeat: Heartbeat) -> None:
+        videos, loss = self.due(optimizer_step)
+        if not (videos or loss):
+            return
+        with evaluating(run.engine):
+            if loss:
+                self.loss(run, optimizer_step, reporter, heartbeat)
+            if videos:
+                self.videos(run, optimizer_step, reporter, heartbeat)
+
+    def loss(self, run, optimizer_step: int, reporter: Reporter, heartbeat: Heartbeat) -> dict[str, float]:
+        """The held-out loss at fixed timesteps, with noise fixed per sample (by its place in the held-out
+        index, so the ranks' split does not matter): the same weights always give the same number."""
+        section, engine, device = self.spec.validation.loss, run.engine, run.engine.device
+        refs = self.loss_index.samples[:section.max_samples]
+        rank, world = dist.get_rank(), dist.get_world_size()
+        timesteps = torch.tensor(loss_timesteps(section.timesteps, run.objective.num_train_timesteps), device=device)
+        chunk = self.spec.data.micro_batch_size
+        sums = torch.zeros(len(timesteps) + 1, dtype=torch.float64, device=device)  # per timestep, then samples
+        faults = []
+        for first in range(0, math.ceil(len(refs) / world) * world, world):
+            i = first + rank
+            ref = refs[min(i, len(refs) - 1)]
+            try:
+                latents, prompt = read_sample(self.loss_index, ref)
+                weight = 1.0 if i < len(refs) else 0.0  # past the end: the same passes, not counted
+            except ShardError as exc:
+                faults.append(str(exc))
+                latents, prompt, weight = torch.zeros(ref.shape), torch.zeros(self.prompt_shape), 0.0
+            x0 = run.model.pad_frames(latents[None].to(device).float())
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(
+                derive_seed(self.spec.validation.seed, VALIDATION_NOISE, i)), dtype=torch.float32).to(device)
+            embeds = prompt[None].to(device, run.dtype)
+            for start in range(0, len(timesteps), chunk):
+                t = timesteps[start:start + chunk]
+                n = len(t)
+                x_t = run.objective.add_noise(x0.expand(n, -1, -1, -1, -1), noise.expand(n, -1, -1, -1, -1), t)
+                v_pred = engine(x_t.to(run.dtype), embeds.expand(n, -1, -1), t)
+                sums[start:start + n] += weight * run.objective.loss(v_pred, x0.expand(n, -1, -1, -1, -1),
+                                                                     noise.expand(n, -1, -1, -1, -1), t)
+            sums[-1] += weight
+            heartbeat(f"the validation loss of optimizer step {optimizer_step}")
+        dist.all_reduce(sums)  # a sync point
+        for problem in [f for found in all_gather(faults) for f in found]:
+            reporter.event(optimizer_step, "data_error", f"validation loss: skipping {problem}")
+        per_t = (sums[:-1] / sums[-1]).tolist()
+        values = {"val_loss": sum(per_t) / len(per_t),
+                  **{f"val_loss_t{t:03d}": v for t, v in zip(timesteps.tolist(), per_t)}}
+        reporter.log_validation(optimizer_step, values)
+        return values
+
+    def videos(self, run, optimizer_step: int, reporter: Reporter, heartbeat: Heartbeat) -> Path:
+        """An mp4 per prompt under samples/step_N/ (each rank writes its own prompts), the LoRA that made them,
+        and an animated GIF per prompt in TensorBoard (rank 0 reads the files back)."""
+        section, settings = self.spec.validation, SampleSettings.from_section(self.spec.validation)
+        out = self.spec.run.dir / "samples" / f"step_{optimizer_step:06d}"
+        rank, world, prompts = dist.get_rank(), dist.get_world_size(), section.prompts
+        files = [out / name for name in video_names(prompts)]
+        pipe = self.pipeline(run)
+        pipe.vae.to(run.engine.device)
+        for first in range(0, math.ceil(len(prompts) / world) * world, world):
+            i = first + rank
+            real = i < len(prompts)
+            frames = generate(pipe, self.prompt_embeds[min(i, len(prompts) - 1)], self.negative_embeds, settings,
+                              on_step=lambda s: heartbeat(f"validation sampling step {s} of optimizer step "
+                                                          f"{optimizer_step}"), decode=real)
+            if real:
+                write_mp4(files[i], frames, settings.fps)
+        pipe.vae.to("cpu")  # the device's memory is the training's again
+        if section.save_lora:
+            export_lora(run.model, out / "lora", self.spec.to_yaml())  # a collective
+        dist.barrier()  # every rank's videos are on disk: a sync point
+        if rank == 0:
+            write_prompt_list(out, prompts, settings.seed)
+        if reporter.tensorboard:  # rank 0 only
+            for path in files:
+                reporter.video(f"validation/{path.stem}", read_mp4(path), settings.fps, optimizer_step)
+        reporter.event(optimizer_step, "validation", f"{len(prompts)} video(s) in {out}")
+        return out
+
+    def pipeline(self, run):
+        if self.pipe is None:
+            self.pipe = load_pipeline(self.model_dir, run.model.transformer, run.dtype, torch.device("cpu"))
+        return self.pipe
+
