@@ -78,10 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=120)
     parser.add_argument("--width", type=int, default=160)
     parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--first", type=int, default=0, help="index of the first video (another set: a later one)")
     args = parser.parse_args(argv)
     if args.height % 2 or args.width % 2:
         parser.error("--height and --width must be even (H.264 with yuv420p)")
-    write_synthetic_videos(args.out, args.count, args.frames, args.height, args.width, args.fps)
+    write_synthetic_videos(args.out, args.count, args.frames, args.height, args.width, args.fps, args.first)
     print(f"{args.count} synthetic videos ({args.frames} frames, {args.height}x{args.width}, {args.fps} fps) "
           f"in {args.out}")
     return 0

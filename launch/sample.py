@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model_dir = resolve_model_dir(model, sampling=True)
         settings = SampleSettings.from_section(section)
-        check_settings(settings, model_dir, where="--")
+        check_settings(settings, model_dir, lambda name: "--model" if name == "prompts" else f"--{name.replace('_', '-')}")
         if args.lora is not None and not args.lora.exists():
             raise UserError(f"--lora: no such file or directory: {args.lora}")
     except UserError as exc:

@@ -131,3 +131,25 @@ def test_an_srun_task_whose_first_node_does_not_resolve_is_told_to_set_master_ad
     fails_with(tmp_path, good_spec, "MASTER_ADDR: the first node of the step, 'no-such-node7'",
                env={"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "7",
                     "SLURM_JOB_NODELIST": "no-such-node[7-8]"})
+
+
+def test_validation_settings_the_model_cannot_sample(tmp_path, good_spec):
+    video = {"prompts": ["a cat"], "num_frames": 9, "height": 96, "width": 128}
+    fails_with(tmp_path, {**good_spec, "validation": {**video, "num_frames": 8}},
+               "validation.num_frames: 8 frames cannot be made by this VAE", "for example 49")
+    fails_with(tmp_path, {**good_spec, "validation": {**video, "width": 120}},
+               "validation.width: 120 is not a multiple of 16")
+    missing = tmp_path / "held-out"
+    fails_with(tmp_path, {**good_spec, "validation": {"loss": {"shards": str(missing)}}},
+               f"validation.loss.shards: no such file or directory: {missing}")
+
+
+def test_validation_prompts_need_the_text_encoder(tmp_path, good_spec, tiny_5b):
+    import shutil
+
+    partial = tmp_path / "transformer-only"
+    for part in ("transformer", "scheduler", "vae"):
+        shutil.copytree(tiny_5b / part, partial / part)
+    fails_with(tmp_path, {**good_spec, "model": {"path": str(partial)}, "validation": {"prompts": ["a cat"]}},
+               f"validation.prompts: sampling videos needs the model directory's VAE and text encoder, but "
+               f"{partial} lacks model_index.json, text_encoder/config.json, tokenizer")

@@ -68,7 +68,7 @@ def uninterrupted(cluster, tiny_5b, shards_10, tmp_path_factory) -> tuple[Path, 
 def test_the_sbatch_script_trains_on_two_nodes_and_exports_the_lora(uninterrupted):
     run_dir, log = uninterrupted
     assert "on n[1-2]: 2 ranks, rendezvous 127.0.0.1:" in log
-    assert "ZeRO-2, 2 rank(s)" in log
+    assert "ZeRO-2, bf16, 2 rank(s)" in log
     exported = lora(run_dir)
     assert exported and all(t.isfinite().all() for t in exported.values())
     assert [m["optimizer_step"] for m in read_metrics(run_dir)] == list(range(1, STEPS + 1))

@@ -150,3 +150,12 @@ def sum_across_ranks(values: list) -> torch.Tensor:
     vector = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     dist.all_reduce(vector, op=dist.ReduceOp.SUM)
     return vector.cpu()
+
+
+def max_across_ranks(values: list) -> torch.Tensor:
+    """All-reduce max of a few Python numbers as one float64 vector on the CPU. A collective."""
+    vector = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
+        vector = vector.cuda()
+    dist.all_reduce(vector, op=dist.ReduceOp.MAX)
+    return vector.cpu()

@@ -19,11 +19,11 @@ import torch.distributed as dist
 
 from trainer.checkpoint import Checkpointer
 from trainer.data import Batch, MicroBatches, build_loader, streaming
-from trainer.distributed import all_gather, sum_across_ranks
+from trainer.distributed import all_gather
 from trainer.errors import UserError
 from trainer.export import export_lora
 from trainer.faults import StepDecision, StopSignals, Watchdog, decide, preempted, too_many_nonfinite
-from trainer.metrics import Reporter
+from trainer.metrics import T_BUCKETS, Interval, Reporter, duration
 from trainer.rng import NOISE, derive_seed
 from trainer.run_dir import SampleLog, check_shared
 from trainer.shard_format import ShardError
@@ -83,8 +83,9 @@ class Loop:
         self.samples = SampleLog(self.spec.run.dir, run.rank) if self.spec.logging.sample_keys else None
         self.watchdog = Watchdog(self.spec.run.collective_timeout_s, run.rank)
         run.heartbeat = self.watchdog.progress
-        self.interval = Interval(torch.zeros((), device=self.engine.device))
+        self.interval = Interval(self.engine.device, run.objective.num_train_timesteps)
         self.last_save, self.last_loss = time.monotonic(), float("nan")
+        self.started, self.first_step = time.perf_counter(), state.optimizer_step
 
     def step(self, stream, optimizer_step: int) -> None:
         spec, state = self.spec, self.state
@@ -106,10 +107,12 @@ class Loop:
         if give_up:
             self.reporter.close()
             raise too_many_nonfinite(state.consecutive_nonfinite, optimizer_step, self.last_checkpoint)
+        paused = time.perf_counter()
         if self.run.validation is not None and not decision.stop:  # a stop saves at once; the resume validates
             self.run.validation(self.run, optimizer_step, self.reporter, self.watchdog.progress)
         if save:
             self.save(optimizer_step)
+        self.interval.started += time.perf_counter() - paused  # the throughput is the training's alone
         if decision.stop:
             self.reporter.close()
             raise preempted(self.signals.received, optimizer_step, self.last_checkpoint)
@@ -122,7 +125,7 @@ class Loop:
         if self.samples is not None:
             self.samples.write(optimizer_step, out.batches)
         applied = self.engine.was_step_applied()  # DeepSpeed skips an update whose gradients are not finite
-        self.interval.add(out.loss, applied)
+        self.interval.add(out, applied)
         if applied:
             state.consecutive_nonfinite = 0
         elif nonfinite_step(self.run, out, optimizer_step, self.reporter):
@@ -147,11 +150,12 @@ class Loop:
         return decision.stop or periodic or last
 
     def log(self, optimizer_step: int, lr: float) -> None:
-        self.last_loss, samples_per_s = self.interval.flush(self.engine.train_batch_size())
+        values = self.interval.flush(self.engine.train_batch_size())
+        self.last_loss = values["loss"]
         self.reporter.log(optimizer_step, {
-            "loss": self.last_loss, "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), "lr": lr,
-            "samples_per_s": samples_per_s, "samples_seen": self.state.samples_seen,
-            "skipped_steps": self.state.nonfinite_steps, "data_errors": self.state.data_errors})
+            "loss": values.pop("loss"), "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), "lr": lr,
+            **values, "samples_seen": self.state.samples_seen, "skipped_steps": self.state.nonfinite_steps,
+            "data_errors": self.state.data_errors})
 
     def save(self, optimizer_step: int) -> None:
         position = divmod(self.state.micro_batches_consumed + self.run.rank, self.dataset.per_epoch)  # next
@@ -169,45 +173,37 @@ class Loop:
         dist.barrier()  # nobody tears the process group down while rank 0 still writes the export
         self.watchdog.stop()
         self.reporter.close()
-        if lora_file is not None:
-            self.reporter.print(f"done: {spec.train.max_steps} optimizer steps, final loss {self.last_loss:.4f}\n"
-                                f"LoRA: {lora_file}\nmetrics: {run_dir / 'metrics.jsonl'}"
-                                + (f"\ncheckpoints: {run_dir / 'checkpoints'}" if self.last_checkpoint else ""))
+        self.summary(lora_file)
         return lora_file
 
-
-@dataclass
-class Interval:
-    """What one log line averages: the losses of applied steps (summed on the device, no sync), steps, time."""
-
-    loss: torch.Tensor
-    applied: int = 0
-    taken: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    def add(self, loss: torch.Tensor, applied: bool) -> None:
-        self.taken += 1
-        if applied:  # a skipped step's loss is not finite
-            self.loss += loss
-            self.applied += 1
-
-    def flush(self, samples_per_step: int) -> tuple[float, float]:
-        """(mean loss over ranks and applied steps, samples/s), then start over. A collective and a sync point."""
-        loss_sum, applied = sum_across_ranks([self.loss, self.applied]).tolist()
-        result = (loss_sum / applied if applied else float("nan"),
-                  self.taken * samples_per_step / (time.perf_counter() - self.started))
-        self.loss.zero_()
-        self.applied, self.taken, self.started = 0, 0, time.perf_counter()
-        return result
+    def summary(self, lora_file: Path | None) -> None:
+        spec, run_dir = self.spec, self.spec.run.dir
+        elapsed, steps = time.perf_counter() - self.started, spec.train.max_steps - self.first_step
+        rows = [("optimizer steps", f"{steps} this session" + (f" (resumed at {self.first_step})"
+                                                              if self.first_step else "")),
+                ("time", f"{duration(elapsed)}, validation and checkpoints included"),
+                ("throughput", f"{steps * self.engine.train_batch_size() / elapsed:.2f} samples/s, "
+                               f"{self.interval.tokens_logged / elapsed:,.0f} video tokens/s"),
+                ("final loss", f"{self.last_loss:.4f}"), ("LoRA", str(lora_file)),
+                ("metrics", f"{run_dir / 'metrics.jsonl'}" + (f", {run_dir / 'tensorboard'}"
+                                                              if spec.logging.tensorboard else ""))]
+        if self.run.validation is not None and spec.validation.prompts:
+            rows.append(("samples", str(run_dir / "samples")))
+        if self.last_checkpoint is not None:
+            rows.append(("checkpoints", str(run_dir / "checkpoints")))
+        self.reporter.table("done", rows)
 
 
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # mean micro-batch loss, on the device (no host sync)
+    buckets: torch.Tensor  # [2, T_BUCKETS] on the device: per-sample loss sums and counts by timestep bucket
     micro_losses: list[torch.Tensor] = field(default_factory=list)
     batches: list[Batch] = field(default_factory=list)
     faults: list[ShardError] = field(default_factory=list)  # samples that could not be read (zeros stood in)
     readable: int = 0  # samples that could
+    tokens: int = 0  # video tokens this rank trained on
+    data_wait_s: float = 0.0  # time this rank waited for its micro-batches
 
 
 def train_step(run: Run, stream, optimizer_step: int) -> StepOutput:
@@ -215,9 +211,11 @@ def train_step(run: Run, stream, optimizer_step: int) -> StepOutput:
     engine, device = run.engine, run.engine.device
     accumulation = run.spec.train.gradient_accumulation_steps
     run.noise.manual_seed(derive_seed(run.spec.run.seed, NOISE, run.rank, optimizer_step))
-    out = StepOutput(torch.zeros((), device=device))
+    out = StepOutput(torch.zeros((), device=device), torch.zeros(2, T_BUCKETS, dtype=torch.float64, device=device))
     for micro_step in range(accumulation):
+        waiting = time.perf_counter()
         batch = next(stream)
+        out.data_wait_s += time.perf_counter() - waiting
         x0 = run.model.pad_frames(batch.latents.to(device, non_blocking=True).float())
         t = run.timesteps(optimizer_step, micro_step)
         noise = torch.randn(x0.shape, generator=run.noise, device=device, dtype=torch.float32)
@@ -225,11 +223,16 @@ def train_step(run: Run, stream, optimizer_step: int) -> StepOutput:
         v_pred = engine(x_t, batch.prompt_embeds.to(device, run.dtype, non_blocking=True), t)
         per_sample = run.objective.loss(v_pred, x0, noise, t)  # fp32
         # a sample that could not be read stands in as zeros and contributes nothing
-        loss = torch.where(batch.valid.to(device, non_blocking=True), per_sample, 0.0).mean()
+        valid = batch.valid.to(device, non_blocking=True)
+        loss = torch.where(valid, per_sample, 0.0).mean()
         engine.backward(loss)
         engine.step()  # applies the clipped update only at the accumulation boundary
         run.heartbeat(f"micro-step {micro_step} of optimizer step {optimizer_step}")
         out.loss += loss.detach() / accumulation
+        bucket = (t * T_BUCKETS // run.objective.num_train_timesteps).clamp(max=T_BUCKETS - 1)
+        out.buckets[0].index_add_(0, bucket, torch.where(valid, per_sample.detach(), 0.0).double())
+        out.buckets[1].index_add_(0, bucket, valid.double())
+        out.tokens += run.model.video_tokens(*x0.shape[2:]) * x0.shape[0]
         out.micro_losses.append(loss.detach())
         out.batches.append(batch)
         out.faults.extend(batch.faults)

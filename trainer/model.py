@@ -150,6 +150,11 @@ class VideoTransformer(nn.Module):
         pad = p_t - frames % p_t
         return torch.cat([latents[:, :, :1].expand(-1, -1, pad, -1, -1), latents], dim=2)
 
+    def video_tokens(self, frames: int, height: int, width: int) -> int:
+        """Transformer tokens of a latent video (CogVideoX 1.5 pads the frames to a multiple of patch_size_t)."""
+        p, p_t = self.config.patch_size, self.config.patch_size_t or 1
+        return -(-frames // p_t) * (height // p) * (width // p)
+
     def rotary_embedding(self, frames: int, height: int, width: int, device: torch.device):
         """The (cos, sin) pair CogVideoXPipeline._prepare_rotary_positional_embeddings builds for this latent grid."""
         cfg = self.config

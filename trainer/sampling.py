@@ -41,21 +41,23 @@ class SampleSettings:
                    section.guidance_scale, section.use_dynamic_cfg, section.seed, section.fps)
 
 
-def check_settings(settings: SampleSettings, model_dir: Path, where: str = "validation") -> None:
-    """Frames and size the model directory's VAE and transformer can produce; errors name the spec field."""
+def check_settings(settings: SampleSettings, model_dir: Path,
+                   field: Callable[[str], str] = lambda name: f"validation.{name}") -> None:
+    """Frames and size the model directory's VAE and transformer can produce; errors name the spec field (or
+    whatever ``field`` calls it: launch/sample.py names its options)."""
     missing = [part for part in SAMPLING_PARTS if not (model_dir / part).exists()]
     if missing:
-        raise UserError(f"{where}.prompts: sampling videos needs the model directory's VAE and text encoder, but "
+        raise UserError(f"{field('prompts')}: sampling videos needs the model directory's VAE and text encoder, but "
                         f"{model_dir} lacks {', '.join(missing)}")
     vae = json.loads((model_dir / "vae" / "config.json").read_text())
     patch = json.loads((model_dir / "transformer" / "config.json").read_text())["patch_size"]
     temporal, spatial = vae["temporal_compression_ratio"], 2 ** (len(vae["block_out_channels"]) - 1)
     if (settings.num_frames - 1) % temporal:
-        raise UserError(f"{where}.num_frames: {settings.num_frames} frames cannot be made by this VAE (a multiple of "
-                        f"its temporal compression {temporal}, plus 1: for example 49)")
+        raise UserError(f"{field('num_frames')}: {settings.num_frames} frames cannot be made by this VAE (a multiple "
+                        f"of its temporal compression {temporal}, plus 1: for example 49)")
     for name, value in (("height", settings.height), ("width", settings.width)):
         if value % (spatial * patch):
-            raise UserError(f"{where}.{name}: {value} is not a multiple of {spatial * patch} (the VAE's "
+            raise UserError(f"{field(name)}: {value} is not a multiple of {spatial * patch} (the VAE's "
                             f"{spatial}x compression times the transformer's patch size {patch})")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -81,7 +82,7 @@ class Run:
     noise: torch.Generator
     dtype: torch.dtype
     rank: int
-    validation: Validation | None
+    validation: Validation | None = None  # validation videos and loss, if the spec asks for them
     heartbeat: Callable[[str], None] = lambda what: None  # tells the watchdog the run is alive
 
 
@@ -133,19 +134,44 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
 
 
 def describe(run: Run, plan: Plan, index: ShardIndex, state: TrainerState, reporter: Reporter) -> None:
+    """The run at a glance (rank 0), then what the resume or the index found."""
     def numel(p):  # ZeRO-3 leaves each rank an empty partition; ds_numel is the full size
         return getattr(p, "ds_numel", p.numel())
 
     total = sum(numel(p) for p in run.model.parameters())
     trainable = sum(numel(p) for p in run.model.lora_parameters().values())
-    spec, engine = run.spec, run.engine
-    reporter.print(
-        f"model {plan.model_dir}: {total:,} parameters, {trainable:,} LoRA trainable (rank {spec.lora.rank}, "
-        f"alpha {spec.lora.scale_alpha:g})\n"
-        f"ZeRO-{engine.zero_optimization_stage()}, {dist.get_world_size()} rank(s) on {engine.device}, "
-        f"{spec.train.precision}; micro batch {engine.train_micro_batch_size_per_gpu()} x accumulation "
-        f"{engine.gradient_accumulation_steps()} x ranks = {engine.train_batch_size()} samples per optimizer step\n"
-        f"data: {len(index.samples)} samples in {len(plan.shards)} shard(s); output: {spec.run.dir}")
+    spec, engine, world = run.spec, run.engine, dist.get_world_size()
+    lora, optim, validation = spec.lora, spec.optim, spec.validation
+    shapes = Counter(ref.shape for ref in index.samples).most_common(3)
+    tokens = "; ".join(f"{run.model.video_tokens(*shape[1:]):,} video + {plan.shapes.text_len} text (latents "
+                       f"{'x'.join(map(str, shape))}, {n} samples)" for shape, n in shapes)
+    rows = [
+        ("model", str(plan.model_dir)),
+        ("parameters", f"{total:,} total, {trainable:,} LoRA trainable ({100 * trainable / total:.2f}%)"),
+        ("LoRA", f"rank {lora.rank}, alpha {lora.scale_alpha:g}, dropout {lora.dropout:g}, on "
+                 f"{', '.join(lora.target_modules)}"),
+        ("DeepSpeed", f"ZeRO-{engine.zero_optimization_stage()}, {spec.train.precision}, {world} rank(s) on "
+                      f"{engine.device.type}"),
+        ("batch", f"micro {engine.train_micro_batch_size_per_gpu()} x accumulation "
+                  f"{engine.gradient_accumulation_steps()} x {world} rank(s) = {engine.train_batch_size()} "
+                  f"samples per optimizer step"),
+        ("tokens per sample", tokens),
+        ("data", f"{len(index.samples):,} samples in {len(plan.shards)} shard(s)"),
+        ("schedule", f"{spec.train.max_steps} optimizer steps, lr {optim.lr:g} {optim.schedule}, "
+                     f"{optim.warmup_steps} warmup; timesteps {spec.train.timestep_sampling}"),
+    ]
+    if run.validation is not None:
+        parts = [f"{len(validation.prompts)} prompt(s) every {validation.every_steps or spec.train.max_steps} steps"
+                 if validation.prompts else "",
+                 f"loss on {len(run.validation.loss_index.samples[:validation.loss.max_samples])} held-out samples "
+                 f"every {validation.loss.every_steps or spec.train.max_steps} steps"
+                 if run.validation.loss_index is not None else ""]
+        rows.append(("validation", "; ".join(filter(None, parts)) + ", and at the end"))
+    run_dir = spec.run.dir
+    rows.append(("output", f"{run_dir}: checkpoints/, lora/ (the adapter), metrics.jsonl"
+                           + (", tensorboard/" if spec.logging.tensorboard else "")
+                           + (", samples/" if validation.prompts else "")))
+    reporter.table(f"run {spec.run.name}", rows)
     if plan.resume_from is not None:
         reporter.event(state.optimizer_step, "resumed", f"from {plan.resume_from} at optimizer step "
                        f"{state.optimizer_step}, {state.samples_seen} samples seen"
@@ -155,5 +181,3 @@ def describe(run: Run, plan: Plan, index: ShardIndex, state: TrainerState, repor
             reporter.event(0, "data_error", f"skipping: {fault}", shard=fault.shard, key=fault.key)
     elif index.faults:
         reporter.print(f"{len(index.faults)} sample(s) left out at start-up, as when the run began (events.jsonl)")
-
-

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -188,6 +189,7 @@ class Validation:
         out = self.spec.run.dir / "samples" / f"step_{optimizer_step:06d}"
         rank, world, prompts = dist.get_rank(), dist.get_world_size(), section.prompts
         files = [out / name for name in video_names(prompts)]
+        started = time.perf_counter()
         pipe = self.pipeline(run)
         pipe.vae.to(run.engine.device)
         for first in range(0, math.ceil(len(prompts) / world) * world, world):
@@ -207,7 +209,8 @@ class Validation:
         if reporter.tensorboard:  # rank 0 only
             for path in files:
                 reporter.video(f"validation/{path.stem}", read_mp4(path), settings.fps, optimizer_step)
-        reporter.event(optimizer_step, "validation", f"{len(prompts)} video(s) in {out}")
+        reporter.event(optimizer_step, "validation", f"{len(prompts)} video(s) in {out} "
+                       f"({time.perf_counter() - started:.0f} s)")
         return out
 
     def pipeline(self, run):
