@@ -17,6 +17,11 @@ from trainer.model import read_transformer_config
 from trainer.rng import VAE_NOISE, derive_seed
 
 
+def encoding_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU, fp32 on a CPU (no fast bf16 convolutions): packing and validation prompts alike."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 

@@ -28,7 +28,7 @@ import uuid
 import torch  # noqa: E402
 
 from data_tools import packing  # noqa: E402
-from data_tools.encode import Encoder, default_device, latent_geometry  # noqa: E402
+from data_tools.encode import Encoder, default_device, encoding_dtype, latent_geometry  # noqa: E402
 from data_tools.inputs import InputError, fingerprint, read_inputs  # noqa: E402
 from data_tools.progress import Progress  # noqa: E402
 from data_tools.video import Bucket, parse_buckets  # noqa: E402
@@ -124,7 +124,7 @@ def pack(args: argparse.Namespace) -> int:
                                   shard_size=args.shard_size, seed=args.seed, dtype=args.dtype,
                                   vae_tiling=args.vae_tiling)
     device = pick_device(args.device, local_rank)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPUs have no fast bf16 convolutions
+    dtype = encoding_dtype(device)
     # the compute device and dtype change the latents' bits: a rerun must not mix CPU and GPU samples
     identity = packing.identity_of(options, layout, args.input.resolve(), fingerprint(entries), len(entries),
                                    args.model.resolve(), f"{device.type}/{str(dtype).removeprefix('torch.')}")

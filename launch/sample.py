@@ -73,9 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.model import resolve_model_dir
         from trainer.sampling import SampleSettings, check_settings
 
-        model_dir = resolve_model_dir(model, sampling=True)
+        try:
+            model_dir = resolve_model_dir(model, sampling=True)
+        except UserError as exc:
+            raise UserError(str(exc).replace("model.path:", "--model:" if args.model else "--spec's model.path:", 1))
         settings = SampleSettings.from_section(section)
-        check_settings(settings, model_dir, lambda name: "--model" if name == "prompts" else f"--{name.replace('_', '-')}")
+        check_settings(settings, model_dir,
+                       lambda name: "--model" if name == "prompts" else f"--{name.replace('_', '-')}")
         if args.lora is not None and not args.lora.exists():
             raise UserError(f"--lora: no such file or directory: {args.lora}")
     except UserError as exc:

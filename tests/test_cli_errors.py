@@ -153,3 +153,31 @@ def test_validation_prompts_need_the_text_encoder(tmp_path, good_spec, tiny_5b):
     fails_with(tmp_path, {**good_spec, "model": {"path": str(partial)}, "validation": {"prompts": ["a cat"]}},
                f"validation.prompts: sampling videos needs the model directory's VAE and text encoder, but "
                f"{partial} lacks model_index.json, text_encoder/config.json, tokenizer")
+
+
+def tool_fails_with(args: list[str], *expected: str) -> None:
+    import subprocess
+    import sys
+
+    from helpers import REPO, train_env
+
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=train_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    for text in expected:
+        assert text in proc.stderr, proc.stderr
+
+
+def test_sample_and_export_tools_name_the_bad_option(tmp_path, tiny_5b):
+    tool_fails_with(["launch/sample.py", "--model", str(tiny_5b), "--prompt", "a cat", "--num-frames", "8",
+                     "--out", str(tmp_path)], "--num-frames: 8 frames cannot be made by this VAE")
+    tool_fails_with(["launch/sample.py", "--model", str(tmp_path / "none"), "--prompt", "a cat", "--out",
+                     str(tmp_path)], f"--model: no such directory: {tmp_path / 'none'}")
+    tool_fails_with(["launch/sample.py", "--model", str(tiny_5b), "--out", str(tmp_path)], "--prompt: no prompts")
+    half = tmp_path / "run" / "checkpoints" / "step_00000004"
+    half.mkdir(parents=True)  # a save that never completed
+    tool_fails_with(["-m", "trainer.export", "--checkpoint", str(half)], "--spec:")
+    spec = {"model": {"path": str(tiny_5b)}, "data": {"shards": "x"}, "train": {"max_steps": 1}}
+    write_spec(tmp_path / "run" / "spec.yaml", spec)
+    tool_fails_with(["-m", "trainer.export", "--checkpoint", str(half)],
+                    f"--checkpoint: {half} is not a complete checkpoint (no complete.json)")

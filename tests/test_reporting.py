@@ -31,8 +31,9 @@ def test_video_names_are_numbered_and_readable():
 
 def test_gif_keeps_every_frame_and_shrinks_the_picture():
     frames = to_uint8(np.random.default_rng(0).random((5, 480, 720, 3)))
-    gif = Image.open(io.BytesIO(gif_bytes(frames, fps=8)))
-    assert gif.format == "GIF" and gif.n_frames == 5 and gif.size == (256, 171)
+    data, size = gif_bytes(frames, fps=8)
+    gif = Image.open(io.BytesIO(data))
+    assert gif.format == "GIF" and gif.n_frames == 5 and gif.size == size == (256, 171)
     assert to_uint8(np.array([-0.5, 0.0, 0.5, 1.0, 2.0])).tolist() == [0, 0, 128, 255, 255]
 
 

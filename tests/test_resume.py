@@ -32,7 +32,8 @@ def overrides(tiny_5b, shards, run_dir: Path, config: Path, *extra: str) -> tupl
     return (f"model.path={tiny_5b}", f"data.shards={shards}", f"run.output_dir={run_dir}",
             f"deepspeed.config={config}", f"train.max_steps={STEPS}", f"checkpoint.every_steps={EVERY}",
             "checkpoint.every_minutes=null", "logging.every_steps=1", "logging.sample_keys=true",
-            "optim.warmup_steps=2", "lora.dropout=0.1", *extra)  # dropout: the global CPU generator matters
+            "optim.warmup_steps=2", "lora.dropout=0.1",  # dropout: the global CPU generator matters
+            f"validation.loss.shards={shards}", "validation.loss.every_steps=1", "validation.loss.timesteps=2", *extra)
 
 
 def launch(args: tuple[str, ...], ranks: int = 2, script: str = "launch/train.py") -> subprocess.Popen:
@@ -107,6 +108,11 @@ def test_sigterm_saves_at_the_step_it_arrives_and_the_rerun_finishes_equal(refer
     resumed = run_train(REPO / "examples" / "tiny.yaml", ranks=2, overrides=args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(run_dir, ref_dir)
+    # every step is a validation step: the stopped step's validation, skipped to save at once, is done by the
+    # resumed run before it goes on; each step's held-out loss is logged once and equals the reference's
+    validation = [(m["optimizer_step"], m["val_loss"]) for m in read_metrics(run_dir, validation=True)]
+    assert validation == [(m["optimizer_step"], m["val_loss"]) for m in read_metrics(ref_dir, validation=True)]
+    assert [step for step, _ in validation] == list(range(1, STEPS + 1))
 
 
 def test_killed_inside_a_checkpoint_save_resumes_from_the_one_before(reference, tiny_5b, shards_10, tmp_path):

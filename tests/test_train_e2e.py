@@ -102,7 +102,7 @@ def test_two_ranks_learn_and_export_a_lora_diffusers_loads(stage, tiny_5b, shard
         "train.gradient_accumulation_steps=2", "train.precision=bf16", "logging.every_steps=1",
         "checkpoint.every_steps=30"))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"ZeRO-{stage}, 2 rank(s)" in proc.stderr
+    assert f"ZeRO-{stage}, bf16, 2 rank(s)" in proc.stderr
     assert "= 4 samples per optimizer step" in proc.stderr  # 1 micro x 2 accumulation x 2 ranks, from DeepSpeed
     assert_learned(run_dir, samples_per_step=4)
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000030", "step_00000060"]
@@ -120,7 +120,7 @@ def test_2b_style_single_process_learns_and_exports(tiny_2b, shards_2b, tmp_path
         f"train.max_steps={STEPS}", "train.gradient_accumulation_steps=2", "logging.every_steps=1",
         "checkpoint.every_steps=0", "checkpoint.every_minutes=null", "data.num_workers=2"))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "ZeRO-2, 1 rank(s)" in proc.stderr
+    assert "ZeRO-2, bf16, 1 rank(s)" in proc.stderr
     assert_learned(run_dir, samples_per_step=2)
     assert not (run_dir / "checkpoints").exists()  # neither step- nor time-based saving: none at the end either
     assert_export_applies(run_dir / "lora", tiny_2b, run_dir / "lora" / "spec.yaml")
@@ -133,7 +133,7 @@ def test_zero3_offload_config_trains_and_exports(tiny_5b, shards_5b, tmp_path):
         "deepspeed.config=zero3_offload", "train.max_steps=3", "optim.warmup_steps=1", "logging.every_steps=1",
         "checkpoint.every_steps=3"))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "ZeRO-3, 1 rank(s)" in proc.stderr
+    assert "ZeRO-3, bf16, 1 rank(s)" in proc.stderr
     assert [m["optimizer_step"] for m in read_metrics(run_dir)] == [1, 2, 3]
     assert (run_dir / "checkpoints" / "step_00000003").is_dir()
     tensors = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.checkpoint import MARKER
+from trainer.checkpoint import MARKER, UNIVERSAL
 from trainer.errors import EXIT_USER_ERROR, UserError
-from trainer.model import VideoTransformer, lora_config, read_transformer_config, resolve_model_dir
+from trainer.model import VideoTransformer, lora_config
 from trainer.spec import RunSpec, load_spec
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -86,6 +86,9 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, spec: RunSpec) -> Path:
     export writes at that step. Any ZeRO stage and number of ranks; no GPU, no process group, no base weights."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if checkpoint.resolve().parent.name == UNIVERSAL:
+        raise UserError(f"--checkpoint: {checkpoint} is a universal conversion; give the checkpoint it was made "
+                        f"from (checkpoints/{checkpoint.name})")
     if not (checkpoint / MARKER).is_file():
         raise UserError(f"--checkpoint: {checkpoint} is not a complete checkpoint (no {MARKER})")
     # DeepSpeed prints every file and shape it reads, with progress bars
@@ -101,9 +104,12 @@ def lora_skeleton(spec: RunSpec):
     """The run's transformer with its LoRA, on the meta device: names and config, no memory, no weights read."""
     from diffusers import CogVideoXTransformer3DModel
 
+    try:  # a local directory or a hub id: only transformer/config.json is read
+        config = CogVideoXTransformer3DModel.load_config(spec.model.path, subfolder="transformer")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.path: cannot read {spec.model.path}/transformer/config.json ({exc})") from None
     with torch.device("meta"):
-        transformer = CogVideoXTransformer3DModel.from_config(read_transformer_config(resolve_model_dir(
-            spec.model.path)))
+        transformer = CogVideoXTransformer3DModel.from_config(config)
         transformer.add_adapter(lora_config(spec.lora))
     return transformer
 
@@ -117,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_dir = args.checkpoint.resolve().parent.parent
     try:
+        if args.spec is None and not (run_dir / "spec.yaml").is_file():
+            raise UserError(f"--spec: {run_dir / 'spec.yaml'} is missing; give the run's spec with --spec")
         spec = load_spec(args.spec or run_dir / "spec.yaml")
         written = export_checkpoint(args.checkpoint, args.out or run_dir / "lora_exports" / args.checkpoint.name,
                                         spec)

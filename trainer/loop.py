@@ -49,6 +49,7 @@ def train(spec: RunSpec) -> Path | None:
                            shapes=plan.shapes)
     loader = build_loader(dataset, num_workers=spec.data.num_workers, pin_memory=run.engine.device.type == "cuda")
     loop = Loop(run, state, reporter, signals, dataset, last_checkpoint=plan.resume_from)
+    loop.validate(state.optimizer_step)  # what a stop at the checkpoint's step left undone (nothing otherwise)
     with streaming(loader) as stream:
         for optimizer_step in range(state.optimizer_step + 1, spec.train.max_steps + 1):
             loop.step(stream, optimizer_step)
@@ -108,14 +109,28 @@ class Loop:
             self.reporter.close()
             raise too_many_nonfinite(state.consecutive_nonfinite, optimizer_step, self.last_checkpoint)
         paused = time.perf_counter()
-        if self.run.validation is not None and not decision.stop:  # a stop saves at once; the resume validates
-            self.run.validation(self.run, optimizer_step, self.reporter, self.watchdog.progress)
+        if not decision.stop and self.validate(optimizer_step):  # a stop saves at once; the resume validates
+            # a signal that came while validating is acted on now, not after another step (a collective)
+            decision = decide(self.engine.device, self.signals.received is not None, False, 0, 0)
+            save = save or decision.stop
         if save:
             self.save(optimizer_step)
         self.interval.started += time.perf_counter() - paused  # the throughput is the training's alone
         if decision.stop:
             self.reporter.close()
             raise preempted(self.signals.received, optimizer_step, self.last_checkpoint)
+
+    def validate(self, optimizer_step: int) -> bool:
+        """Validation due after this optimizer step and not yet done; returns whether it ran. Before the step's
+        checkpoint, which then records it done: a run stopped before validating does it when it resumes."""
+        validation = self.run.validation
+        if validation is None or self.state.validated_step >= optimizer_step:
+            return False
+        if not any(validation.due(optimizer_step)):
+            return False
+        validation(self.run, optimizer_step, self.reporter, self.watchdog.progress)
+        self.state.validated_step = optimizer_step
+        return True
 
     def count(self, out: StepOutput, optimizer_step: int) -> None:
         state = self.state

@@ -35,8 +35,9 @@ def to_uint8(video: np.ndarray) -> np.ndarray:
     return (np.clip(video, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def gif_bytes(frames: np.ndarray, fps: int, max_side: int = 256) -> bytes:
-    """An animated GIF of the frames, shrunk so that its longer side is at most max_side (event files stay small)."""
+def gif_bytes(frames: np.ndarray, fps: int, max_side: int = 256) -> tuple[bytes, tuple[int, int]]:
+    """An animated GIF of the frames, shrunk so that its longer side is at most max_side (event files stay small),
+    and its (width, height)."""
     from PIL import Image
 
     images = [Image.fromarray(frame) for frame in frames]
@@ -46,4 +47,4 @@ def gif_bytes(frames: np.ndarray, fps: int, max_side: int = 256) -> bytes:
         images = [image.resize(size, Image.Resampling.BILINEAR) for image in images]
     out = io.BytesIO()
     images[0].save(out, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
-    return out.getvalue()
+    return out.getvalue(), images[0].size

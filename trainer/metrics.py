@@ -202,8 +202,7 @@ class Reporter:
 
         from trainer.media import gif_bytes
 
-        gif = gif_bytes(frames, fps)
-        height, width = frames.shape[1:3]
+        gif, (width, height) = gif_bytes(frames, fps)
         image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif)
         self._writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]),
                                                    optimizer_step)

@@ -61,19 +61,12 @@ def check_settings(settings: SampleSettings, model_dir: Path,
                             f"{spatial}x compression times the transformer's patch size {patch})")
 
 
-def encoding_device_dtype() -> tuple[torch.device, torch.dtype]:
-    """Where and in which precision captions are encoded, here and in data_tools/shard.py (bf16 on a GPU)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
-    return torch.device("cpu"), torch.float32  # CPUs have no fast bf16 kernels
-
-
 def encode_prompts(model_dir: Path, prompts: list[str]) -> torch.Tensor:
     """[P, L, D] on the CPU, in the encoding dtype. Loads T5, encodes, and frees it again."""
-    from data_tools.encode import PromptEncoder
+    from data_tools.encode import PromptEncoder, default_device, encoding_dtype
 
-    device, dtype = encoding_device_dtype()
-    encoder = PromptEncoder(model_dir, device, dtype)
+    device = default_device()
+    encoder = PromptEncoder(model_dir, device, encoding_dtype(device))  # as data_tools/shard.py encodes captions
     embeds = torch.stack([encoder(prompt).cpu() for prompt in prompts])
     del encoder
     if device.type == "cuda":

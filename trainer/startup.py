@@ -181,3 +181,7 @@ def describe(run: Run, plan: Plan, index: ShardIndex, state: TrainerState, repor
             reporter.event(0, "data_error", f"skipping: {fault}", shard=fault.shard, key=fault.key)
     elif index.faults:
         reporter.print(f"{len(index.faults)} sample(s) left out at start-up, as when the run began (events.jsonl)")
+    held_out = run.validation.loss_index if run.validation is not None else None
+    if held_out is not None and held_out.faults:
+        reporter.print(f"validation.loss.shards: {len(held_out.faults)} held-out sample(s) left out (the first: "
+                       f"{held_out.faults[0]})")

@@ -30,6 +30,7 @@ class TrainerState:
     consecutive_nonfinite: int = 0
     data_errors: int = 0  # samples skipped under data.on_error=skip, over all ranks
     consecutive_unreadable: int = 0  # optimizer steps in a row none of whose samples could be read
+    validated_step: int = 0  # the last optimizer step whose validation (videos, loss) was done
     # what the position means: a resume refuses to continue a different sample sequence
     world_size: int = 1
     micro_batch_size: int = 1

@@ -47,7 +47,10 @@ def preflight_validation(spec: RunSpec, model_dir: Path, shapes: ModelShapes) ->
     if section.loss.shards is None:
         return []
     shards = resolve_shards(section.loss.shards, "validation.loss.shards")
-    check_first_sample(shards, shapes)
+    try:
+        check_first_sample(shards, shapes)
+    except ShardError as exc:
+        raise UserError(f"validation.loss.shards: {exc}") from None
     check_latent_scale(shards, model_dir, "validation.loss.shards")
     return shards
 
@@ -72,6 +75,24 @@ def evaluating(engine) -> Iterator[None]:
         engine.train(training)
         random.setstate(py_state)
         np.random.set_state(np_state)
+
+
+@contextmanager
+def zero3_forward_passes(run) -> Iterator[None]:
+    """The pipeline calls the transformer below the engine's root module, whose forward hook tells ZeRO-3's
+    parameter prefetcher that a new pass begins (reset_step). Say it before each of the transformer's forward
+    passes, so the prefetcher traces a sampling pass as it traces an evaluation through the engine, instead of
+    one endless pass. The same passes run on every rank, as the trace's cross-rank check requires."""
+    offload = getattr(getattr(run.engine, "optimizer", None), "parameter_offload", None)  # ZeRO-3 only
+    if offload is None:
+        yield
+        return
+    handle = run.model.transformer.register_forward_pre_hook(
+        lambda module, args: offload.get_param_coordinator().reset_step(), prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextmanager
@@ -113,15 +134,16 @@ class Validation:
             return None
         embeds = negative = None
         if section.prompts:
-            shared = [encode_prompts(model_dir, [*section.prompts, section.negative_prompt]) if rank == 0 else None]
-            dist.broadcast_object_list(shared, src=0)  # our own tensors, from rank 0 of our own process group
-            embeds, negative = shared[0][:-1], shared[0][-1]
+            # every rank encodes for itself: nobody waits in a collective while another loads T5 (minutes for
+            # T5-XXL from a network filesystem), and a rank that cannot load it fails on its own
+            encoded = encode_prompts(model_dir, [*section.prompts, section.negative_prompt])
+            embeds, negative = encoded[:-1], encoded[-1]
         index = build_index(loss_shards, shapes, rank, world_size, gather=gather) if loss_shards else None
         if index is not None and not index.samples:
             raise UserError(f"validation.loss.shards: no usable sample ({index.faults[0] if index.faults else ''})")
         return cls(spec, model_dir, embeds, negative, index, (shapes.text_len, shapes.text_dim))
 
-    def due(self, optimizer_step: int) -> tuple[bool, bool]:
+    def due(self, optimizer_step: int) -> tuple[bool, bool]:  # the same on every rank
         """(sample videos, compute the loss) after this optimizer step: every N steps and at the end."""
         section, last = self.spec.validation, optimizer_step == self.spec.train.max_steps
 
@@ -148,7 +170,6 @@ class Validation:
         refs = self.loss_index.samples[:section.max_samples]
         rank, world = dist.get_rank(), dist.get_world_size()
         timesteps = torch.tensor(loss_timesteps(section.timesteps, run.objective.num_train_timesteps), device=device)
-        chunk = self.spec.data.micro_batch_size
         sums = torch.zeros(len(timesteps) + 1, dtype=torch.float64, device=device)  # per timestep, then samples
         faults = []
         for first in range(0, math.ceil(len(refs) / world) * world, world):
@@ -164,18 +185,19 @@ class Validation:
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(
                 derive_seed(self.spec.validation.seed, VALIDATION_NOISE, i)), dtype=torch.float32).to(device)
             embeds = prompt[None].to(device, run.dtype)
-            for start in range(0, len(timesteps), chunk):
-                t = timesteps[start:start + chunk]
-                n = len(t)
-                x_t = run.objective.add_noise(x0.expand(n, -1, -1, -1, -1), noise.expand(n, -1, -1, -1, -1), t)
-                v_pred = engine(x_t.to(run.dtype), embeds.expand(n, -1, -1), t)
-                sums[start:start + n] += weight * run.objective.loss(v_pred, x0.expand(n, -1, -1, -1, -1),
-                                                                     noise.expand(n, -1, -1, -1, -1), t)
+            for k, t in enumerate(timesteps[:, None]):  # batches of one: the number does not depend on the spec
+                v_pred = engine(run.objective.add_noise(x0, noise, t).to(run.dtype), embeds, t)
+                sums[k] += weight * run.objective.loss(v_pred, x0, noise, t)[0]
             sums[-1] += weight
             heartbeat(f"the validation loss of optimizer step {optimizer_step}")
         dist.all_reduce(sums)  # a sync point
-        for problem in [f for found in all_gather(faults) for f in found]:
+        for problem in dict.fromkeys(f for found in all_gather(faults) for f in found):  # padding re-reads one
             reporter.event(optimizer_step, "data_error", f"validation loss: skipping {problem}")
+        if not sums[-1]:  # the same on every rank
+            error = UserError(f"validation.loss.shards: none of the {len(refs)} held-out samples could be read "
+                              f"at optimizer step {optimizer_step}; check them with data_tools/inspect.py")
+            error.on_every_rank = True
+            raise error
         per_t = (sums[:-1] / sums[-1]).tolist()
         values = {"val_loss": sum(per_t) / len(per_t),
                   **{f"val_loss_t{t:03d}": v for t, v in zip(timesteps.tolist(), per_t)}}
@@ -192,14 +214,15 @@ class Validation:
         started = time.perf_counter()
         pipe = self.pipeline(run)
         pipe.vae.to(run.engine.device)
-        for first in range(0, math.ceil(len(prompts) / world) * world, world):
-            i = first + rank
-            real = i < len(prompts)
-            frames = generate(pipe, self.prompt_embeds[min(i, len(prompts) - 1)], self.negative_embeds, settings,
-                              on_step=lambda s: heartbeat(f"validation sampling step {s} of optimizer step "
-                                                          f"{optimizer_step}"), decode=real)
-            if real:
-                write_mp4(files[i], frames, settings.fps)
+        with zero3_forward_passes(run):
+            for first in range(0, math.ceil(len(prompts) / world) * world, world):
+                i = first + rank
+                real = i < len(prompts)
+                frames = generate(pipe, self.prompt_embeds[min(i, len(prompts) - 1)], self.negative_embeds,
+                                  settings, on_step=lambda s: heartbeat(f"validation sampling step {s} of optimizer "
+                                                                        f"step {optimizer_step}"), decode=real)
+                if real:
+                    write_mp4(files[i], frames, settings.fps)
         pipe.vae.to("cpu")  # the device's memory is the training's again
         if section.save_lora:
             export_lora(run.model, out / "lora", self.spec.to_yaml())  # a collective
