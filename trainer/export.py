@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.spec is None and not (run_dir / "spec.yaml").is_file():
             raise UserError(f"--spec: {run_dir / 'spec.yaml'} is missing; give the run's spec with --spec")
         spec = load_spec(args.spec or run_dir / "spec.yaml")
-        written = export_checkpoint(args.checkpoint, args.out or run_dir / "lora_exports" / args.checkpoint.name,
-                                        spec)
+        out = args.out or run_dir / "lora_exports" / args.checkpoint.name
+        written = export_checkpoint(args.checkpoint, out, spec)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -199,7 +199,8 @@ class Loop:
                 ("time", f"{duration(elapsed)}, validation and checkpoints included"),
                 ("throughput", f"{steps * self.engine.train_batch_size() / elapsed:.2f} samples/s, "
                                f"{self.interval.tokens_logged / elapsed:,.0f} video tokens/s"),
-                ("final loss", f"{self.last_loss:.4f}"), ("LoRA", str(lora_file)),
+                ("final loss", f"{self.last_loss:.4f}" if steps else "(no step this session)"),
+                ("LoRA", str(lora_file)),
                 ("metrics", f"{run_dir / 'metrics.jsonl'}" + (f", {run_dir / 'tensorboard'}"
                                                               if spec.logging.tensorboard else ""))]
         if self.run.validation is not None and spec.validation.prompts:

@@ -49,9 +49,10 @@ def check_settings(settings: SampleSettings, model_dir: Path,
     if missing:
         raise UserError(f"{field('prompts')}: sampling videos needs the model directory's VAE and text encoder, but "
                         f"{model_dir} lacks {', '.join(missing)}")
-    vae = json.loads((model_dir / "vae" / "config.json").read_text())
+    from data_tools.encode import latent_geometry
+
+    _, temporal, spatial = latent_geometry(model_dir)
     patch = json.loads((model_dir / "transformer" / "config.json").read_text())["patch_size"]
-    temporal, spatial = vae["temporal_compression_ratio"], 2 ** (len(vae["block_out_channels"]) - 1)
     if (settings.num_frames - 1) % temporal:
         raise UserError(f"{field('num_frames')}: {settings.num_frames} frames cannot be made by this VAE (a multiple "
                         f"of its temporal compression {temporal}, plus 1: for example 49)")

@@ -127,8 +127,8 @@ class Validation:
     @classmethod
     def prepare(cls, spec: RunSpec, model_dir: Path, shapes: ModelShapes, loss_shards: list[str], rank: int,
                 world_size: int, gather) -> Validation | None:
-        """At start-up, before the transformer is loaded: rank 0 encodes the prompts with the model directory's
-        T5 and frees it (training never holds T5), and every rank indexes the held-out shards."""
+        """At start-up, before the transformer is loaded: the prompts are encoded with the model directory's T5,
+        which is freed again (training never holds T5), and the ranks index the held-out shards together."""
         section = spec.validation
         if not section.prompts and not loss_shards:
             return None
