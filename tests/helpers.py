@@ -53,20 +53,34 @@ def run_train(spec: Path, *, ranks: int | None = None, overrides: tuple[str, ...
                           timeout=timeout)
 
 
-def lora(run_dir: Path) -> dict:
+def lora_file(folder: Path) -> dict:
+    """The tensors of an exported adapter directory."""
     from safetensors.torch import load_file
 
-    return load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
+    return load_file(folder / "pytorch_lora_weights.safetensors")
+
+
+def lora(run_dir: Path) -> dict:
+    return lora_file(run_dir / "lora")
+
+
+def assert_equal_lora(ours: dict, theirs: dict) -> None:
+    import torch
+
+    assert ours.keys() == theirs.keys()
+    different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not different, f"{len(different)} LoRA tensors differ, e.g. {different[:2]}"
+
+
+def run_python(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """A tool of this repository (a script or -m module) as a user runs it, from the repository root."""
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=train_env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
     """The exported LoRA tensors are torch.equal and every optimizer step logged the same loss, once."""
-    import torch
-
-    ours, theirs = lora(run_dir), lora(reference)
-    assert ours.keys() == theirs.keys()
-    different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
-    assert not different, f"{len(different)} LoRA tensors differ, e.g. {different[:2]}"
+    assert_equal_lora(lora(run_dir), lora(reference))
     losses = [(m["optimizer_step"], m["loss"]) for m in read_metrics(run_dir)]
     assert losses == [(m["optimizer_step"], m["loss"]) for m in read_metrics(reference)]
 

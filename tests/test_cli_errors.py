@@ -10,7 +10,7 @@ import torch
 import webdataset as wds
 
 from data_tools import shard
-from helpers import META, run_train, write_spec
+from helpers import META, run_python, run_train, write_spec
 from trainer.shard_format import encode_sample
 
 
@@ -156,13 +156,7 @@ def test_validation_prompts_need_the_text_encoder(tmp_path, good_spec, tiny_5b):
 
 
 def tool_fails_with(args: list[str], *expected: str) -> None:
-    import subprocess
-    import sys
-
-    from helpers import REPO, train_env
-
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=train_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = run_python(*args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     for text in expected:
         assert text in proc.stderr, proc.stderr
