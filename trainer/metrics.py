@@ -162,12 +162,7 @@ class Reporter:
     def log(self, optimizer_step: int, values: dict[str, float]) -> None:
         if not self.active:
             return
-        record = {"optimizer_step": optimizer_step, "time": time.time(), **values}
-        self._jsonl.write(json.dumps(record) + "\n")
-        if self._writer is not None:
-            for name, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._writer.add_scalar(f"train/{name}", value, optimizer_step)
+        self._record(optimizer_step, values, "train/")
         status = f"loss {values['loss']:.4f}  lr {values['lr']:.2e}  gnorm {values['grad_norm']:.3f}"
         self._progress.update(self._task, status=status)
         eta = values["step_time_s"] * (self.total_steps - optimizer_step)
@@ -179,6 +174,15 @@ class Reporter:
                    f"{values['samples_per_s']:.2f} samples/s  {values['tokens_per_s']:,.0f} tok/s  "
                    f"data wait {values['data_wait_fraction']:.1%}  {memory}  eta {duration(eta)}{skipped}")
 
+    def _record(self, optimizer_step: int, values: dict, prefix: str, jsonl: dict | None = None) -> None:
+        """One metrics.jsonl line (``jsonl``, else ``values``) and the finite numbers as TensorBoard scalars."""
+        record = {"optimizer_step": optimizer_step, "time": time.time(), **(jsonl or values)}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._writer.add_scalar(prefix + name, value, optimizer_step)
+
     @property
     def tensorboard(self) -> bool:
         return self._writer is not None
@@ -187,10 +191,8 @@ class Reporter:
         """Validation numbers: their own record in metrics.jsonl, validation/* in TensorBoard, one console line."""
         if not self.active:
             return
-        self._jsonl.write(json.dumps({"optimizer_step": optimizer_step, "time": time.time(), **values}) + "\n")
-        if self._writer is not None:
-            for name, value in values.items():
-                self._writer.add_scalar(f"validation/{name.removeprefix('val_')}", value, optimizer_step)
+        self._record(optimizer_step, {k.removeprefix("val_"): v for k, v in values.items()}, "validation/",
+                     jsonl=values)
         self.print(f"step {optimizer_step:>7}  validation loss {values['val_loss']:.4f}")
 
     def video(self, tag: str, frames, fps: int, optimizer_step: int) -> None:
