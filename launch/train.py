@@ -5,6 +5,7 @@
     torchrun --nproc_per_node N launch/train.py --spec run.yaml
     srun --ntasks-per-node N python launch/train.py --spec run.yaml     (launch/slurm/train.sbatch)
     python launch/train.py --spec run.yaml          (one process)
+    python launch/train.py --spec run.yaml --dry-run [--ranks 8] [--video 49x480x720]   (the plan: no weights)
 
 A mistake in the spec or the data ends with one message naming the field, file or sample, and exit status 2.
 SIGTERM or SIGUSR1 finish the optimizer step, save a checkpoint and exit with 75; the same command resumes.
@@ -30,6 +31,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--spec", required=True, type=Path, help="run spec YAML (see examples/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one spec field, typed by the schema; repeatable")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print tokens, parameters, FLOPs and memory per rank from the configs, and exit")
+    parser.add_argument("--ranks", type=int, default=None, help="with --dry-run: plan for this many ranks "
+                        "(default: WORLD_SIZE, else 1)")
+    parser.add_argument("--video", action="append", default=[], metavar="FxHxW",
+                        help="with --dry-run: plan for clips of this size instead of the shards' (repeatable)")
     # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -51,9 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     try:
+        from trainer.spec import load_spec
+
+        if args.dry_run:  # no process group, no weights
+            from trainer.distributed import env_world_size
+            from trainer.planner import dry_run
+
+            dry_run(load_spec(args.spec, args.overrides), args.ranks or env_world_size(), args.video)
+            return 0
         ensure_process_env()
         from trainer.loop import train
-        from trainer.spec import load_spec
 
         train(load_spec(args.spec, args.overrides))
     except UserError as exc:

@@ -24,9 +24,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 REQUIRED_FILES = ("transformer/config.json", "scheduler/scheduler_config.json")
 
 
-def resolve_model_dir(path: str, sampling: bool = False) -> Path:
+def resolve_model_dir(path: str, sampling: bool = False, weights: bool = True) -> Path:
     """A local CogVideoX directory, or a hub id fetched into the HF cache: the transformer and scheduler, and
-    with ``sampling`` (validation videos) the VAE, tokenizer and text encoder too."""
+    with ``sampling`` (validation videos) the VAE, tokenizer and text encoder too; without ``weights`` (the
+    planner) only the configs."""
     local = Path(path).expanduser()
     if local.exists():
         missing = [f for f in REQUIRED_FILES if not (local / f).is_file()]
@@ -39,10 +40,11 @@ def resolve_model_dir(path: str, sampling: bool = False) -> Path:
         from huggingface_hub import snapshot_download
 
         parts = ["vae/*", "tokenizer/*", "text_encoder/*"] if sampling else ["vae/config.json"]  # the latent scale
-        fetched = snapshot_download(path, allow_patterns=["model_index.json", "transformer/*", "scheduler/*", *parts])
+        transformer = "transformer/*" if weights else "transformer/config.json"
+        fetched = snapshot_download(path, allow_patterns=["model_index.json", transformer, "scheduler/*", *parts])
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
         raise UserError(f"model.path: {path!r} is not a local directory and could not be fetched from the hub ({exc})")
-    return resolve_model_dir(fetched, sampling)
+    return resolve_model_dir(fetched, sampling, weights)
 
 
 def read_transformer_config(model_dir: Path) -> dict:
@@ -128,6 +130,12 @@ class VideoTransformer(nn.Module):
         from diffusers import CogVideoXTransformer3DModel
 
         transformer = CogVideoXTransformer3DModel.from_pretrained(model_dir, subfolder="transformer", dtype=dtype)
+        return cls.from_transformer(transformer, lora, gradient_checkpointing, seed)
+
+    @classmethod
+    def from_transformer(cls, transformer: nn.Module, lora: LoraSection, gradient_checkpointing: bool,
+                         seed: int) -> VideoTransformer:
+        """Freeze a loaded transformer and add the LoRA (the GPU benchmark's random-weight models come here)."""
         transformer.requires_grad_(False)
         # Same LoRA init on every rank: ZeRO-3 partitions each rank's own copy without a broadcast.
         with torch.random.fork_rng(devices=[]):

@@ -1,0 +1,295 @@
+"""What a run costs, from the model config alone (no weights, no process group): tokens, parameters, FLOPs and
+memory per rank. `launch/train.py --dry-run` prints them; the loop logs TFLOP/s and MFU from the same FLOPs.
+
+FLOPs count multiply-adds as 2 and cover the matmuls (every nn.Linear, the patch embedding and attention's
+QK^T and PV); norms and elementwise ops are left out, as usual. Training with LoRA needs no weight gradients
+for the frozen layers: the backward pass of a frozen linear is one matmul (the input gradient), and none where
+its input needs no gradient (the embeddings; the first block's q/k/v). Gradient checkpointing recomputes each
+block's forward pass. Model FLOPs (what MFU divides by) leave the recomputation out.
+
+The activation estimate counts the tensors autograd keeps for backward, in units checked against diffusers'
+CogVideoXBlock (tests/test_costs.py traces them): per block and token, 8 hidden-wide tensors and one
+FF-wide (GELU's input) in the compute dtype, fp32 LayerNorm statistics, plus, for each LoRA target, its input
+(q/k/v share one) and its rank-wide LoRA-A output; with LoRA dropout, the dropped input and the mask instead of
+the input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from trainer.spec import LoraSection
+
+# Where a linear sits in a CogVideoXBlock, in execution order; which tokens a module outside the blocks sees.
+BLOCK_SLOTS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")
+PER_SAMPLE = ("norm1.linear", "norm2.linear")  # the timestep conditioning: one row per sample
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    name: str  # the target's name in the bare transformer ("transformer_blocks.3.attn1.to_q")
+    flops_per_token: int  # 2 * fan_in * fan_out (a conv patch embedding: per output position)
+    tokens: str  # "joint" (text + video), "video", "text" or "sample"
+    lora_rank: int = 0
+    fan_in: int = 0
+    fan_out: int = 0
+
+
+@dataclass(frozen=True)
+class Flops:
+    """Per sample."""
+
+    forward: float
+    attention_forward: float  # QK^T and PV alone
+    train: float  # forward + backward with LoRA (model FLOPs: what MFU counts)
+    train_checkpointed: float  # plus each block's recomputed forward (what the device executes)
+
+    @property
+    def attention_share(self) -> float:
+        return self.attention_forward / self.forward
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """What the DeepSpeed config says about memory (ds_configs/*.json plus the spec)."""
+
+    stage: int
+    world_size: int
+    reduce_bucket_size: int = 500_000_000
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    prefetch_bucket_size: int = 50_000_000
+    persistence_threshold: int = 100_000
+    offload_optimizer: bool = False
+    offload_param: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict, world_size: int) -> ZeroSettings:
+        zero = config["zero_optimization"]
+
+        def offloaded(key):
+            return (zero.get(key) or {}).get("device", "none") not in ("none", None)
+
+        return cls(stage=zero["stage"], world_size=world_size,
+                   reduce_bucket_size=int(zero.get("reduce_bucket_size", 500_000_000)),
+                   overlap_comm=bool(zero.get("overlap_comm", zero["stage"] == 3)),
+                   contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
+                   prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size", 50_000_000)),
+                   persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
+                   offload_optimizer=offloaded("offload_optimizer"), offload_param=offloaded("offload_param"))
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per rank on the training device (host memory where ZeRO offloads), by what holds them."""
+
+    parts: dict[str, float] = field(default_factory=dict)
+    host: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+class CostModel:
+    """Costs of one CogVideoX transformer config with one LoRA, built on a weightless (meta) skeleton."""
+
+    def __init__(self, transformer_config: dict, lora: LoraSection):
+        from diffusers import CogVideoXTransformer3DModel
+
+        from trainer.model import lora_config
+
+        cfg = transformer_config
+        with torch.device("meta"):
+            skeleton = CogVideoXTransformer3DModel.from_config(cfg)
+            skeleton.add_adapter(lora_config(lora))
+        self.params_lora = sum(p.numel() for p in skeleton.parameters() if p.requires_grad)
+        self.params_frozen = sum(p.numel() for p in skeleton.parameters()) - self.params_lora
+        self.heads, self.head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
+        self.hidden = self.heads * self.head_dim
+        self.layers, self.text_len = cfg["num_layers"], cfg["max_text_seq_length"]
+        self.patch, self.patch_t = cfg["patch_size"], cfg.get("patch_size_t") or 1
+        self.lora_dropout, self.rope = lora.dropout, bool(cfg.get("use_rotary_positional_embeddings"))
+        self.linears = _linears(skeleton)
+        self.ff_inner = next(m.fan_out for m in self.linears if m.name.endswith("ff.net.0.proj"))
+        blocks = [m for m in skeleton.modules() if type(m).__name__ == "CogVideoXBlock"]
+        self.block_params = max(sum(p.numel() for p in b.parameters() if not p.requires_grad) for b in blocks)
+        self._frozen_sizes = [p.numel() for p in skeleton.parameters() if not p.requires_grad]
+        self._flops: dict[tuple[int, ...], Flops] = {}
+
+    def video_tokens(self, latent_shape: tuple[int, ...]) -> int:
+        """Latents [C, F, H, W] -> transformer tokens (CogVideoX 1.5 pads frames to a multiple of patch_size_t)."""
+        _, frames, height, width = latent_shape
+        return -(-frames // self.patch_t) * (height // self.patch) * (width // self.patch)
+
+    def _tokens(self, kind: str, video: int) -> int:
+        return {"joint": video + self.text_len, "video": video, "text": self.text_len, "sample": 1}[kind]
+
+    def flops(self, latent_shape: tuple[int, ...]) -> Flops:
+        """Per sample of latents [C, F, H, W]; computed once per shape (the loop asks every micro-step)."""
+        latent_shape = tuple(latent_shape)
+        if latent_shape not in self._flops:
+            self._flops[latent_shape] = self._count(latent_shape)
+        return self._flops[latent_shape]
+
+    def _count(self, latent_shape: tuple[int, ...]) -> Flops:
+        video = self.video_tokens(latent_shape)
+        seq = video + self.text_len
+        attention = 4 * seq * seq * self.hidden  # QK^T and PV, per block
+        forward = backward = recompute = 0.0
+        for block, layers in self._by_block().items():
+            block_forward = 0.0
+            for layer, needs_grad in _input_needs_grad(layers, upstream=bool(block)):
+                tokens = self._tokens(layer.tokens, video)
+                frozen = layer.flops_per_token * tokens
+                lora = 2 * tokens * layer.lora_rank * (layer.fan_in + layer.fan_out)
+                block_forward += frozen + lora
+                lora_b_input = 2 * tokens * layer.lora_rank * layer.fan_out  # LoRA B's input always needs one
+                # a frozen layer: the input gradient only; LoRA: weight gradients, and input ones where needed
+                backward += (frozen + 2 * lora) if needs_grad else lora + lora_b_input
+                if layer.name.endswith("attn1.to_out.0"):  # attention sits between q/k/v and to_out
+                    block_forward += attention
+                    backward += 2 * attention if needs_grad else 0
+            forward += block_forward
+            recompute += block_forward if block is not None else 0
+        return Flops(forward, attention * self.layers, forward + backward, forward + backward + recompute)
+
+    def _by_block(self) -> dict[int | None, list[LinearLayer]]:
+        groups: dict[int | None, list[LinearLayer]] = {}
+        for layer in self.linears:
+            parts = layer.name.split(".")
+            block = int(parts[1]) if parts[0] == "transformer_blocks" else None
+            groups.setdefault(block, []).append(layer)
+        return groups
+
+    def block_activation_bytes(self, latent_shape: tuple[int, ...], dtype_bytes: int) -> float:
+        """Bytes autograd keeps for one block's backward pass, for one sample."""
+        seq = self.video_tokens(latent_shape) + self.text_len
+        block = seq * (dtype_bytes * (8 * self.hidden + self.ff_inner) + 8 * (2 + 2 * self.heads))
+        inputs: dict[str, int] = {}
+        for layer in self.linears:
+            if layer.lora_rank and layer.name.startswith("transformer_blocks.0."):
+                slot = layer.name.split(".", 2)[2]
+                block += seq * dtype_bytes * layer.lora_rank
+                if self.lora_dropout:  # LoRA A keeps its dropped input instead, and dropout its mask (at most
+                    block += seq * layer.fan_in * 2 * dtype_bytes  # as wide as the input: CPU; CUDA: bool)
+                else:
+                    inputs["qkv" if slot in BLOCK_SLOTS[:3] else slot] = layer.fan_in
+        return block + seq * dtype_bytes * sum(inputs.values())
+
+    def saved_activation_bytes(self, latent_shape: tuple[int, ...], dtype_bytes: int, checkpointing: bool) -> float:
+        """Bytes kept from the forward pass to the backward pass, for one sample; with gradient checkpointing
+        only each block's input."""
+        seq = self.video_tokens(latent_shape) + self.text_len
+        stream = seq * self.hidden * dtype_bytes  # the hidden states between blocks
+        if checkpointing:  # each block's input, plus the embeddings and the final norm's input
+            return (self.layers + 2) * stream
+        rope = self.video_tokens(latent_shape) * self.head_dim * 2 * 4 if self.rope else 0  # fp32 cos and sin
+        return stream + rope + self.layers * self.block_activation_bytes(latent_shape, dtype_bytes)
+
+    def activation_bytes(self, latent_shape: tuple[int, ...], dtype_bytes: int, checkpointing: bool) -> float:
+        """At the start of the backward pass, for one sample: what the forward pass kept, and with
+        checkpointing the one block being recomputed."""
+        recomputed = self.block_activation_bytes(latent_shape, dtype_bytes) if checkpointing else 0
+        return self.saved_activation_bytes(latent_shape, dtype_bytes, checkpointing) + recomputed
+
+    def memory(self, latent_shape: tuple[int, ...], micro_batch: int, zero: ZeroSettings, dtype_bytes: int,
+               checkpointing: bool) -> MemoryEstimate:
+        world, lora = zero.world_size, self.params_lora
+        est = MemoryEstimate()
+        device, host = est.parts, est.host
+        if zero.stage == 3:  # parameters over the persistence threshold are partitioned; small ones kept whole
+            small = sum(n for n in self._frozen_sizes if n <= zero.persistence_threshold)
+            partition = (self.params_frozen - small) * dtype_bytes / world
+            if zero.offload_param:
+                host["frozen weights"], device["frozen weights"] = partition, small * dtype_bytes
+            else:
+                device["frozen weights"] = partition + small * dtype_bytes
+            # each layer gathers its full weights when it runs, with the next bucket prefetched
+            gathered = (self.block_params + zero.prefetch_bucket_size) * dtype_bytes
+            device["frozen weights gathered to compute"] = min(gathered, self.params_frozen * dtype_bytes)
+            device["LoRA weights"] = lora * dtype_bytes / world
+        else:
+            device["frozen weights"] = self.params_frozen * dtype_bytes
+            device["frozen weights gathered to compute"] = 0.0
+            device["LoRA weights"] = lora * dtype_bytes
+        states = host if zero.offload_optimizer else device
+        states["LoRA fp32 master weights"] = 4 * lora / world
+        states["Adam moments"] = 8 * lora / world
+        states["fp32 gradients"] = 4 * lora / world if zero.stage == 3 else 4 * lora
+        # gradients are copied into flat buffers of reduce_bucket_size elements, allocated whole however small
+        # the model (ZeRO-2: two with overlap_comm, to reduce one while filling the other)
+        if zero.stage == 3 or zero.contiguous_gradients:
+            buffers = 2 if zero.stage == 2 and zero.overlap_comm else 1
+            device["gradient reduce buckets"] = zero.reduce_bucket_size * dtype_bytes * buffers
+        else:
+            device["gradient reduce buckets"] = min(zero.reduce_bucket_size, lora) * dtype_bytes
+        act = self.activation_bytes(latent_shape, dtype_bytes, checkpointing)
+        device["activations"] = micro_batch * act
+        return est
+
+
+def _linears(skeleton: nn.Module) -> list[LinearLayer]:
+    """Every matmul layer of a LoRA-adapted skeleton: frozen base layers carry their LoRA's rank."""
+    layers: dict[str, dict] = {}
+    for name, module in skeleton.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+            continue
+        if ".lora_A." in name or ".lora_B." in name:
+            target = name.split(".lora_")[0]
+            if ".lora_A." in name:
+                layers.setdefault(target, {})["rank"] = module.out_features
+            continue
+        target = name.removesuffix(".base_layer")
+        if isinstance(module, nn.Linear):
+            per_token, fan_in, fan_out = 2 * module.in_features * module.out_features, module.in_features, \
+                module.out_features
+        else:  # the patch embedding: one output position per video token
+            fan_in, fan_out = module.in_channels * math.prod(module.kernel_size), module.out_channels
+            per_token = 2 * fan_in * fan_out
+        layers.setdefault(target, {}).update(per_token=per_token, fan_in=fan_in, fan_out=fan_out)
+    return [LinearLayer(name, v["per_token"], _token_kind(name), v.get("rank", 0), v["fan_in"], v["fan_out"])
+            for name, v in layers.items()]
+
+
+def _token_kind(name: str) -> str:
+    if name.startswith("transformer_blocks."):
+        return "sample" if name.split(".", 2)[2] in PER_SAMPLE else "joint"
+    return {"patch_embed.proj": "video", "patch_embed.text_proj": "text", "proj_out": "video"}.get(name, "sample")
+
+
+def _input_needs_grad(layers: list[LinearLayer], upstream: bool):
+    """(layer, whether its input needs a gradient) in execution order: an input needs one when a LoRA weight
+    lies upstream of it. ``upstream``: the block's input already does (every block after the first)."""
+    by_slot = {layer.name.split(".", 2)[2] if layer.name.startswith("transformer_blocks.") else layer.name: layer
+               for layer in layers}
+    lora = {slot: by_slot[slot].lora_rank > 0 for slot in by_slot}
+    needs = {"attn1.to_q": upstream, "attn1.to_k": upstream, "attn1.to_v": upstream}
+    needs["attn1.to_out.0"] = upstream or any(lora.get(s, False) for s in BLOCK_SLOTS[:3])
+    after_attention = needs["attn1.to_out.0"] or lora.get("attn1.to_out.0", False)
+    needs["ff.net.0.proj"] = after_attention
+    needs["ff.net.2"] = after_attention or lora.get("ff.net.0.proj", False)
+    for slot, layer in by_slot.items():
+        if slot in needs:
+            yield layer, needs[slot]
+        else:  # conditioning and embeddings take no gradient; proj_out reads the trained stream
+            yield layer, slot == "proj_out"
+
+
+# Dense bf16 tensor-core peaks in TFLOP/s, by a piece of torch.cuda.get_device_name(); the first match wins.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4), ("GH200", 989.4),
+    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("L4", 121.0),
+)
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak from PEAK_BF16_TFLOPS; None for a CPU or an unlisted GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for part, peak in PEAK_BF16_TFLOPS if part in name), None)
