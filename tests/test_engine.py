@@ -74,7 +74,7 @@ def _probe(rank: int, world_size: int, port: int, model_dir: str, shards: str, m
     sampler = TimestepSampler("uniform", seed=0, rank=rank, world_size=world_size, micro_batch=1,
                               accumulation=ACCUMULATION, num_train_timesteps=1000, generator=noise)
     ref_run = Run(spec, PlainAutograd(reference, ACCUMULATION), reference, run.objective, sampler, noise,
-                  torch.float32, rank)
+                  torch.float32, rank, run.costs, None)
     ref_loss = train_step(ref_run, iter(micro_batches), 1).loss
     loss = train_step(run, iter(micro_batches), 1).loss
     assert torch.equal(loss, ref_loss)  # same batches, noise and timesteps

@@ -25,7 +25,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from helpers import (assert_equal_lora, assert_same_run, free_port, lora_file, read_metrics, run_python, run_train,
                      write_spec, zero_config)
+from trainer.costs import CostModel
 from trainer.media import read_mp4
+from trainer.model import read_transformer_config
+from trainer.shard_format import shard_samples
+from trainer.spec import LoraSection
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["a red ball moves left", "a blue square moves up", "a green circle grows"]  # 3 prompts over 2 ranks
@@ -42,7 +46,7 @@ def spec_dict(tmp_path: Path, model: Path, shards: Path, stage: int, name: str, 
         "train": {"max_steps": STEPS, "gradient_accumulation_steps": 2},
         "deepspeed": {"config": str(zero_config(tmp_path, stage))},
         "checkpoint": {"every_steps": EVERY, "keep_last": 5},
-        "logging": {"every_steps": 1},
+        "logging": {"every_steps": 1, "peak_tflops": 0.5},
     }
     if validation:
         spec["validation"] = {"prompts": PROMPTS, "every_steps": EVERY, "num_frames": 9, "height": 96, "width": 128,
@@ -87,9 +91,15 @@ def test_validation_videos_loss_and_tools_leave_training_unchanged(stage, tmp_pa
         assert record["val_loss"] == pytest.approx(sum(per_t) / TIMESTEPS)
     train = read_metrics(run_dir)
     expected = {"loss", "grad_norm", "lr", "samples_per_s", "tokens_per_s", "step_time_s", "data_wait_fraction",
-                "rss_peak_gb", "skipped_steps", "data_errors"}
+                "rss_peak_gb", "skipped_steps", "data_errors", "tflops_per_s", "mfu"}
     assert all(expected <= set(m) for m in train)
     assert all(m["tokens_per_s"] > 0 and 0 <= m["data_wait_fraction"] < 1 and m["rss_peak_gb"] > 0.1 for m in train)
+    # TFLOP/s per rank counts the planner's training FLOPs of every sample; MFU divides by logging.peak_tflops
+    latents = next(shard_samples(str(sorted(shards_10.glob("*.tar"))[0]))).latents.shape
+    flops = CostModel(read_transformer_config(tiny_5b), LoraSection(rank=4, alpha=8, dropout=0.1)).flops(latents)
+    for m in train:
+        assert m["tflops_per_s"] * 1e12 * 2 / m["samples_per_s"] == pytest.approx(flops.train, rel=1e-9)
+        assert m["mfu"] == pytest.approx(m["tflops_per_s"] / 0.5)
     buckets = [k for k in train[0] if k.startswith("loss_t")]
     assert len(buckets) == 10 and buckets[0] == "loss_t000_099" and buckets[-1] == "loss_t900_999"
     # each optimizer step trains 4 samples: their timesteps fill up to 4 buckets, whose losses average to the loss

@@ -84,7 +84,8 @@ class Loop:
         self.samples = SampleLog(self.spec.run.dir, run.rank) if self.spec.logging.sample_keys else None
         self.watchdog = Watchdog(self.spec.run.collective_timeout_s, run.rank)
         run.heartbeat = self.watchdog.progress
-        self.interval = Interval(self.engine.device, run.objective.num_train_timesteps)
+        self.interval = Interval(self.engine.device, run.objective.num_train_timesteps, dist.get_world_size(),
+                                 run.peak_tflops)
         self.last_save, self.last_loss = time.monotonic(), float("nan")
         self.started, self.first_step = time.perf_counter(), state.optimizer_step
 
@@ -219,6 +220,7 @@ class StepOutput:
     faults: list[ShardError] = field(default_factory=list)  # samples that could not be read (zeros stood in)
     readable: int = 0  # samples that could
     tokens: int = 0  # video tokens this rank trained on
+    flops: float = 0.0  # model FLOPs this rank ran (trainer/costs.py: forward and backward, no recomputation)
     data_wait_s: float = 0.0  # time this rank waited for its micro-batches
 
 
@@ -249,6 +251,7 @@ def train_step(run: Run, stream, optimizer_step: int) -> StepOutput:
         out.buckets[0].index_add_(0, bucket, torch.where(valid, per_sample.detach(), 0.0).double())
         out.buckets[1].index_add_(0, bucket, valid.double())
         out.tokens += run.model.video_tokens(*x0.shape[2:]) * x0.shape[0]
+        out.flops += run.costs.flops(batch.latents.shape[1:]).train * x0.shape[0]
         out.micro_losses.append(loss.detach())
         out.batches.append(batch)
         out.faults.extend(batch.faults)

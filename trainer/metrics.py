@@ -42,11 +42,14 @@ class Interval:
 
     device: torch.device
     num_train_timesteps: int
+    world_size: int = 1
+    peak_tflops: float | None = None  # the device's: MFU = achieved TFLOP/s per rank / peak
     loss: torch.Tensor = None
     buckets: torch.Tensor = None  # [2, T_BUCKETS]: loss sums and sample counts per timestep bucket
     applied: int = 0
     taken: int = 0
     tokens: int = 0
+    flops: float = 0.0
     data_wait_s: float = 0.0
     started: float = field(default_factory=time.perf_counter)
     tokens_logged: float = 0.0  # over all ranks, since this process started: for the summary
@@ -59,6 +62,7 @@ class Interval:
         """One optimizer step's StepOutput (trainer/loop.py)."""
         self.taken += 1
         self.tokens += out.tokens
+        self.flops += out.flops
         self.data_wait_s += out.data_wait_s
         if applied:
             self.loss += out.loss
@@ -68,21 +72,24 @@ class Interval:
     def flush(self, samples_per_step: int) -> dict[str, float]:
         """The interval's numbers over all ranks, then start over. Two collectives and a sync point."""
         elapsed = time.perf_counter() - self.started
-        summed = sum_across_ranks([self.loss, self.applied, self.tokens, *self.buckets.flatten()]).tolist()
-        loss_sum, applied, tokens, bucket_values = summed[0], summed[1], summed[2], summed[3:]
+        summed = sum_across_ranks([self.loss, self.applied, self.tokens, self.flops, *self.buckets.flatten()]).tolist()
+        (loss_sum, applied, tokens, flops), bucket_values = summed[:4], summed[4:]
         self.tokens_logged += tokens
         peaks = memory_peaks(self.device)
         wait, *memory = max_across_ranks([self.data_wait_s / elapsed, *peaks.values()]).tolist()
         values = {"loss": loss_sum / applied if applied else float("nan"),
                   "samples_per_s": self.taken * samples_per_step / elapsed, "tokens_per_s": tokens / elapsed,
                   "step_time_s": elapsed / self.taken, "data_wait_fraction": wait,
-                  **dict(zip(peaks, memory))}
+                  "tflops_per_s": flops / elapsed / self.world_size / 1e12, **dict(zip(peaks, memory))}
+        if self.peak_tflops:
+            values["mfu"] = values["tflops_per_s"] / self.peak_tflops
         sums, counts = bucket_values[:T_BUCKETS], bucket_values[T_BUCKETS:]
         for name, total, count in zip(bucket_names(self.num_train_timesteps), sums, counts):
             values[name] = total / count if count else None
         self.loss.zero_()
         self.buckets.zero_()
         self.applied = self.taken = self.tokens = 0
+        self.flops = 0.0
         self.data_wait_s, self.started = 0.0, time.perf_counter()
         return values
 
@@ -170,8 +177,9 @@ class Reporter:
             f"  data errors {values['data_errors']:.0f}" if values.get("data_errors") else "")
         memory = (f"gpu {values['gpu_reserved_peak_gb']:.1f} GiB" if "gpu_reserved_peak_gb" in values
                   else f"rss {values['rss_peak_gb']:.1f} GiB")
+        flops = f"{values['tflops_per_s']:.3g} TFLOP/s" + (f" (MFU {values['mfu']:.1%})" if "mfu" in values else "")
         self.print(f"step {optimizer_step:>7}  {status}  {1 / values['step_time_s']:.2f} it/s  "
-                   f"{values['samples_per_s']:.2f} samples/s  {values['tokens_per_s']:,.0f} tok/s  "
+                   f"{values['samples_per_s']:.2f} samples/s  {values['tokens_per_s']:,.0f} tok/s  {flops}  "
                    f"data wait {values['data_wait_fraction']:.1%}  {memory}  eta {duration(eta)}{skipped}")
 
     def _record(self, optimizer_step: int, values: dict, prefix: str, jsonl: dict | None = None) -> None:

@@ -114,6 +114,8 @@ class LoggingSection(_Section):
     tensorboard: bool = True
     # Each rank writes the shard and key of every sample it trains on to sample_keys/rank_NNNNN.jsonl.
     sample_keys: bool = False
+    # The device's dense bf16 peak, for the logged MFU; null: from trainer/costs.py's table by GPU name.
+    peak_tflops: float | None = Field(None, gt=0)
 
 
 class ValidationLossSection(_Section):

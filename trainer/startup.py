@@ -19,13 +19,14 @@ import torch
 import torch.distributed as dist
 
 from trainer.checkpoint import ensure_universal, load_checkpoint, read_marker, resume_point
+from trainer.costs import CostModel, device_peak_tflops
 from trainer.data import check_first_sample, check_latent_scale, resolve_shards
 from trainer.diffusion import Objective, TimestepSampler
 from trainer.distributed import all_gather, env_world_size, share_cpu_threads
 from trainer.engine import COMPUTE_DTYPES, assemble_config, build_engine, init_distributed
 from trainer.errors import UserError
 from trainer.metrics import Reporter
-from trainer.model import ModelShapes, VideoTransformer, check_lora_targets, resolve_model_dir
+from trainer.model import ModelShapes, VideoTransformer, check_lora_targets, read_transformer_config, resolve_model_dir
 from trainer.run_dir import check_fresh_start, check_resumable, check_same_resume_point, check_same_samples
 from trainer.shard_index import ShardIndex, build_index
 from trainer.spec import RunSpec
@@ -82,6 +83,8 @@ class Run:
     noise: torch.Generator
     dtype: torch.dtype
     rank: int
+    costs: CostModel  # FLOPs per sample, for the logged TFLOP/s and MFU
+    peak_tflops: float | None  # the device's bf16 peak (logging.peak_tflops, else by GPU name): MFU's divisor
     validation: Validation | None = None  # validation videos and loss, if the spec asks for them
     heartbeat: Callable[[str], None] = lambda what: None  # tells the watchdog the run is alive
 
@@ -115,7 +118,10 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
         spec.train.timestep_sampling, seed=spec.run.seed, rank=rank, world_size=world_size,
         micro_batch=spec.data.micro_batch_size, accumulation=spec.train.gradient_accumulation_steps,
         num_train_timesteps=plan.objective.num_train_timesteps, generator=noise)
-    run = Run(spec, engine, model, plan.objective.to(engine.device), timesteps, noise, dtype, rank, validation)
+    costs = CostModel(read_transformer_config(plan.model_dir), spec.lora)
+    peak = spec.logging.peak_tflops or device_peak_tflops(engine.device)
+    run = Run(spec, engine, model, plan.objective.to(engine.device), timesteps, noise, dtype, rank, costs, peak,
+              validation)
 
     if plan.resume_from is None:
         seed_global_rngs(spec.run.seed, rank)
