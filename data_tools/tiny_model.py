@@ -55,7 +55,8 @@ def _tokenizer():
     return tokenizer, len(pieces)
 
 
-def write_tiny_model(out: Path, flavour: str = "5b", seed: int = 0) -> Path:
+def write_tiny_model(out: Path, flavour: str = "5b", seed: int = 0, **transformer) -> Path:
+    """``transformer``: CogVideoXTransformer3DModel arguments to change (the benchmarks' wider, deeper models)."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
     from diffusers.utils import logging as diffusers_logging
     from transformers import T5Config, T5EncoderModel
@@ -66,9 +67,10 @@ def write_tiny_model(out: Path, flavour: str = "5b", seed: int = 0) -> Path:
     text_encoder = T5EncoderModel(T5Config(
         vocab_size=vocab_size, d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16,  # RoPE splits the head dim t:h:w, needs a multiple of 16
-        in_channels=4, out_channels=4, time_embed_dim=32, text_embed_dim=TEXT_DIM, num_layers=2,
+    transformer = CogVideoXTransformer3DModel(**{
+        "num_attention_heads": 2, "attention_head_dim": 16,  # RoPE splits the head dim t:h:w: a multiple of 16
+        "num_layers": 2, **transformer},
+        in_channels=4, out_channels=4, time_embed_dim=32, text_embed_dim=TEXT_DIM,
         sample_frames=9, sample_height=12, sample_width=16,  # latent grid of 9x96x128 video
         patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT_LEN,
         use_rotary_positional_embeddings=kind.rope)

@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""GPU mode: CogVideoX-2B- and 5B-shaped random-weight transformers at 49x480x720 in bf16, gradient
+checkpointing on and off: seconds per optimizer step, TFLOP/s, MFU and peak memory against the planner.
+
+    python bench/gpu.py                          # on a GPU: the real shapes; rank-128 LoRA on q, k, v, out
+    python bench/gpu.py --tiny                   # the same path at tiny width and depth (what a CPU runs)
+    python bench/gpu.py --peak-tflops 989        # MFU against this peak (default: by GPU name)
+
+Each configuration runs in its own process: the trainer's VideoTransformer with its LoRA, in a DeepSpeed
+ZeRO-2 engine built from the trainer's config, one rank, micro-batch 1, random latents and text in memory.
+TFLOP/s counts the planner's model FLOPs (forward and backward, no recomputation), as the trainer logs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, print_table  # noqa: E402
+
+COMMON = dict(activation_fn="gelu-approximate", attention_bias=True, attention_head_dim=64, dropout=0.0,
+              flip_sin_to_cos=True, freq_shift=0, in_channels=16, out_channels=16, max_text_seq_length=226,
+              norm_elementwise_affine=True, norm_eps=1e-5, patch_size=2, sample_frames=49, sample_height=60,
+              sample_width=90, spatial_interpolation_scale=1.875, temporal_compression_ratio=4,
+              temporal_interpolation_scale=1.0, text_embed_dim=4096, time_embed_dim=512, timestep_activation_fn="silu",
+              use_learned_positional_embeddings=False)
+SHAPES = {  # THUDM/CogVideoX-2b and -5b transformer/config.json
+    "2b": dict(COMMON, num_attention_heads=30, num_layers=30, use_rotary_positional_embeddings=False),
+    "5b": dict(COMMON, num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True),
+}
+LATENTS = (16, 13, 60, 90)  # 49x480x720
+TINY = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, text_embed_dim=32, time_embed_dim=32,
+            in_channels=4, out_channels=4, sample_frames=9, sample_height=12, sample_width=16)
+TINY_LATENTS = (4, 3, 12, 16)  # 9x96x128
+
+
+def spec(checkpointing: bool):
+    from trainer.spec import RunSpec
+
+    return RunSpec.model_validate({
+        "model": {"path": "random weights", "gradient_checkpointing": checkpointing},
+        "lora": {"rank": 128, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
+        "data": {"shards": "in memory"}, "train": {"max_steps": 1000}, "deepspeed": {"config": "zero2"}})
+
+
+def one(shape: str, checkpointing: bool, tiny: bool, steps: int, peak_tflops: float | None) -> dict:
+    """One configuration, in this process: seconds per step and the rest."""
+    from datetime import timedelta
+
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+
+    from trainer.costs import CostModel, ZeroSettings, device_peak_tflops
+    from trainer.engine import assemble_config, build_engine, init_distributed
+    from trainer.model import VideoTransformer
+
+    init_distributed(timedelta(seconds=300))
+    run_spec = spec(checkpointing)
+    config = dict(SHAPES[shape], **TINY) if tiny else SHAPES[shape]
+    latents = TINY_LATENTS if tiny else LATENTS
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    with torch.device(device):
+        transformer = CogVideoXTransformer3DModel.from_config(config).to(torch.bfloat16)
+    model = VideoTransformer.from_transformer(transformer, run_spec.lora, checkpointing, seed=0)
+    engine = build_engine(run_spec, model, assemble_config(run_spec, 1))
+    x = torch.randn(1, *latents, device=device, dtype=torch.bfloat16)
+    text = torch.randn(1, config["max_text_seq_length"], config["text_embed_dim"], device=device, dtype=torch.bfloat16)
+    t, target = torch.tensor([500], device=device), torch.randn(1, *latents, device=device)
+    times = []
+    for _ in range(2 + steps):  # two of warm-up
+        start = time.perf_counter()
+        loss = torch.nn.functional.mse_loss(engine(x, text, t).float(), target)
+        engine.backward(loss)
+        engine.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    seconds = sum(times[2:]) / steps
+    costs = CostModel(config, run_spec.lora)
+    flops = costs.flops(latents)
+    peak = peak_tflops or device_peak_tflops(device)
+    estimate = costs.memory(latents, 1, ZeroSettings.from_config(assemble_config(run_spec, 1), 1), 2, checkpointing)
+    tflops = flops.train / seconds / 1e12
+    return {"s_per_step": seconds, "tflops": tflops, "mfu": tflops / peak if peak else None,
+            "memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+            "estimate_gib": estimate.total / 2**30, "tokens": costs.video_tokens(latents) + costs.text_len}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny width and depth (default on a CPU)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration, after 2 of warm-up")
+    p.add_argument("--shape", choices=sorted(SHAPES), action="append", help="default: both")
+    p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: by GPU name)")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: SHAPE,CHECKPOINTING in this process, print JSON
+    args = p.parse_args(argv)
+    tiny = args.tiny or not torch.cuda.is_available()
+    if args.one:
+        shape, checkpointing = args.one.split(",")
+        print(json.dumps(one(shape, checkpointing == "on", tiny, args.steps, args.peak_tflops)))
+        return 0
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    rows = []
+    for shape in args.shape or sorted(SHAPES):
+        for checkpointing in ("off", "on"):
+            env["MASTER_PORT"] = str(29500 + (os.getpid() + len(rows)) % 1000)
+            cmd = [sys.executable, __file__, "--one", f"{shape},{checkpointing}", "--steps", str(args.steps)]
+            cmd += ["--tiny"] if tiny else []
+            cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            name = f"{shape}{' (tiny)' if tiny else ''}, checkpointing {checkpointing}"
+            if proc.returncode != 0:
+                oom = "OutOfMemoryError" in proc.stderr or "out of memory" in proc.stderr
+                if not oom:
+                    raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+                rows.append([name, "out of memory", "", "", "", ""])
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append([name, r["s_per_step"], r["tflops"], f"{r['mfu']:.1%}" if r["mfu"] else "n/a",
+                         f"{r['memory_gib']:.1f}" if r["memory_gib"] is not None else "n/a", r["estimate_gib"]])
+    latents = TINY_LATENTS if tiny else LATENTS
+    print(f"\n{machine()}; latents {'x'.join(map(str, latents))}, bf16, ZeRO-2, 1 rank, micro-batch 1, LoRA rank "
+          f"128 on q/k/v/out; {args.steps} timed steps after 2 of warm-up")
+    print_table("GPU mode", ["", "s/step", "TFLOP/s", "MFU", "peak GiB", "planner GiB"], rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

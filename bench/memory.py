@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Memory per rank: measured against the planner's estimate, 1 vs 2 ranks, ZeRO-2 vs ZeRO-3.
+
+    python bench/memory.py                  # the tiny model and the CPU benchmark model, 1 and 2 ranks
+    python bench/memory.py --size tiny --ranks 1
+
+Each configuration starts its ranks (gloo on a CPU, one GPU each otherwise), builds the trainer's own run
+(preflight, build: model, engine) and trains a few optimizer steps with its train_step. Per rank:
+  frozen     bytes of frozen (base) weights the rank holds between steps (ZeRO-3: its partition, plus the
+             small parameters kept whole)
+  peak       the peak of live tensor bytes from model load to the last step: torch.cuda.max_memory_allocated
+             on a GPU; on a CPU the same count from the allocator's events (torch.profiler, profile_memory)
+  estimate   trainer/costs.py's estimate for the same spec (what --dry-run prints)
+  rss        the process's peak resident memory (interpreter and libraries included)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from common import SIZES, free_port, machine, print_table, rank_env, write_model, write_shards, write_spec  # noqa: E402
+
+MiB = 2**20
+
+
+def frozen_bytes(model: torch.nn.Module) -> int:
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        partition = getattr(p, "ds_tensor", None)  # ZeRO-3: this rank's slice; p.data is empty unless gathered
+        total += p.data.numel() * p.element_size() + (partition.numel() * partition.element_size()
+                                                       if partition is not None else 0)
+    return total
+
+
+def live_peak(prof) -> int:
+    """Peak of live CPU tensor bytes over a profile: every allocation (+) and free (-), summed in time order."""
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+def worker(rank: int, world_size: int, port: int, spec_path: str, steps: int, out: str) -> None:
+    rank_env(rank, world_size, port)
+    from torch.profiler import ProfilerActivity, profile
+
+    from trainer.costs import ZeroSettings
+    from trainer.data import MicroBatches, build_loader, streaming
+    from trainer.engine import COMPUTE_DTYPES
+    from trainer.loop import train_step
+    from trainer.spec import load_spec
+    from trainer.startup import build, preflight
+
+    spec = load_spec(spec_path)
+    plan = preflight(spec)
+    cuda = torch.cuda.is_available()
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with prof if not cuda else contextlib.nullcontext():
+        run, index, _ = build(spec, plan)
+        dataset = MicroBatches(index, seed=0, micro_batch_size=spec.data.micro_batch_size, start=0, rank=rank,
+                               world_size=world_size, shapes=plan.shapes)
+        with streaming(build_loader(dataset, num_workers=0, pin_memory=False)) as stream:
+            for step in range(1, steps + 1):
+                train_step(run, stream, step)
+    peak = torch.cuda.max_memory_allocated() if cuda else live_peak(prof)
+    shape = index.samples[0].shape
+    estimate = run.costs.memory(shape, spec.data.micro_batch_size, ZeroSettings.from_config(plan.ds_config, world_size),
+                                COMPUTE_DTYPES[spec.train.precision].itemsize, spec.model.gradient_checkpointing)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "frozen": frozen_bytes(run.model), "peak": peak, "estimate": estimate.total, "parts": estimate.parts,
+        "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def measure(work: Path, size: str, world_size: int, stage: int, steps: int) -> dict:
+    model = write_model(work, size)
+    shards = write_shards(work, model, size, 8)
+    name = f"{size}-zero{stage}-{world_size}"
+    spec = write_spec(work / f"{name}.yaml", model, shards, steps=steps, stage=stage)
+    out = work / name
+    out.mkdir(exist_ok=True)
+    mp.spawn(worker, args=(world_size, free_port(), str(spec), steps, str(out)), nprocs=world_size)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
+    return {key: max(r[key] for r in ranks) for key in ("frozen", "peak", "estimate", "rss")} | {"parts": ranks[0]["parts"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), action="append", help="model size (default: all)")
+    p.add_argument("--ranks", type=int, choices=[1, 2], action="append", help="ranks (default: 1 and 2)")
+    p.add_argument("--stage", type=int, choices=[2, 3], action="append", help="ZeRO stage (default: both)")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--parts", action="store_true", help="also print the estimate's parts")
+    args = p.parse_args(argv)
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        for size in args.size or sorted(SIZES, reverse=True):
+            for stage in args.stage or [2, 3]:
+                for world_size in args.ranks or [1, 2]:
+                    r = results[(size, stage, world_size)] = measure(Path(tmp), size, world_size, stage, args.steps)
+                    rows.append([f"{size}  ZeRO-{stage}  {world_size} rank(s)", r["frozen"] / MiB, r["peak"] / MiB,
+                                 r["estimate"] / MiB, r["estimate"] / r["peak"] - 1, r["rss"] / MiB])
+                    if args.parts:
+                        print(size, stage, world_size, {k: f"{v / MiB:.2f}" for k, v in r["parts"].items()})
+    print(f"\n{machine()}; {args.steps} optimizer steps; per rank, the largest over the ranks")
+    print_table("memory per rank (MiB)", ["", "frozen", "peak", "estimate", "est/peak-1", "peak RSS"], rows)
+    for size in args.size or sorted(SIZES, reverse=True):
+        for stage in args.stage or [2, 3]:
+            if (size, stage, 1) in results and (size, stage, 2) in results:
+                ratio = results[(size, stage, 2)]["frozen"] / results[(size, stage, 1)]["frozen"]
+                print(f"{size} ZeRO-{stage}: frozen bytes per rank, 2 ranks / 1 rank = {ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

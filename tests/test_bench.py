@@ -1,0 +1,95 @@
+"""The benchmarks run end to end at tiny size and print their tables (bench/ is never timed by the tests:
+no speed is asserted here); and the planner's --dry-run prints the hand-checked CogVideoX-5B figures."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from helpers import run_python, write_spec
+from test_costs import COGVIDEOX_5B
+
+pytestmark = pytest.mark.slow
+
+
+def numbers(line: str) -> list[float]:
+    return [float(v.replace(",", "")) for v in re.findall(r"-?[\d,]*\.?\d+(?:e[-+]?\d+)?", line)]
+
+
+def row(stdout: str, name: str) -> list[float]:
+    match = re.search(rf"^\s*{re.escape(name)}\s+(.*)$", stdout, re.MULTILINE)
+    assert match, stdout
+    return numbers(match.group(1))
+
+
+def run_bench(*args: str):
+    proc = run_python(*args, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_the_data_benchmark_runs():
+    out = run_bench("bench/data.py", "--quick")
+    for name in ("raw read", "loader (2 workers)"):
+        samples_per_s, mb_per_s = row(out, name)
+        assert samples_per_s > 0 and mb_per_s > 0
+    assert re.search(r"^loader/raw = \d+\.\d\d$", out, re.MULTILINE) and "16 synthetic samples" in out
+
+
+def test_the_step_benchmark_runs():
+    out = run_bench("bench/step.py", "--size", "tiny", "--steps", "3")
+    trainer, bare = row(out, "trainer"), row(out, "bare DeepSpeed loop")
+    assert len(trainer) == len(bare) == 3 and min(trainer + bare) > 0
+    assert re.search(r"ratio trainer/bare \(medians\) = \d+\.\d{3}", out)
+    assert re.search(r"data wait \(trainer, after warm-up\) = \d+\.\d\d% of step time", out)
+
+
+def test_the_memory_benchmark_runs_and_the_estimate_is_close():
+    out = run_bench("bench/memory.py", "--size", "tiny", "--ranks", "1", "--steps", "2")
+    for stage in (2, 3):
+        frozen, peak, estimate, _, rss = row(out, f"tiny  ZeRO-{stage}  1 rank(s)")
+        assert frozen > 0 and rss > peak > 0
+        assert estimate == pytest.approx(peak, rel=0.25)  # the planner, against torch's allocator
+
+
+def test_the_gpu_benchmark_runs_at_tiny_size():
+    out = run_bench("bench/gpu.py", "--tiny", "--steps", "1")
+    for shape in ("2b", "5b"):
+        for checkpointing in ("off", "on"):
+            seconds, tflops, *_ = row(out, f"{shape} (tiny), checkpointing {checkpointing}")
+            assert seconds > 0 and tflops > 0
+
+
+def test_dry_run_plans_cogvideox_5b_without_weights(tmp_path):
+    """A model directory of configs only (no weights at all) and no shards: --video gives the clip size."""
+    model = tmp_path / "CogVideoX-5b"
+    for part, config in (("transformer", {"_class_name": "CogVideoXTransformer3DModel", **COGVIDEOX_5B}),
+                         ("vae", {"latent_channels": 16, "block_out_channels": [128, 256, 256, 512],
+                                  "temporal_compression_ratio": 4, "scaling_factor": 0.7}),
+                         ("scheduler", {"num_train_timesteps": 1000})):
+        (model / part).mkdir(parents=True)
+        (model / part / "config.json").write_text(json.dumps(config))
+    (model / "scheduler" / "scheduler_config.json").write_text("{}")
+    spec = write_spec(tmp_path / "run.yaml", {
+        "model": {"path": str(model), "gradient_checkpointing": True},
+        "lora": {"rank": 128, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
+        "data": {"shards": str(tmp_path / "not-packed-yet"), "micro_batch_size": 1},
+        "train": {"max_steps": 10, "gradient_accumulation_steps": 2}, "deepspeed": {"config": "zero3"}})
+    proc = run_python("launch/train.py", "--spec", str(spec), "--dry-run", "--ranks", "8", "--video", "49x480x720")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "5,570,283,072 frozen + 132,120,576 LoRA trainable" in out
+    assert "17,550 video + 226 text tokens" in out
+    assert "micro 1 x accumulation 2 x 8 rank(s) = 16 samples per optimizer step" in out
+    assert re.search(r"forward 336\.89 TFLOP \(attention 48%\)", out)
+    totals = row(out, "total")  # ZeRO-2 off/on, ZeRO-3 off/on, MiB
+    assert len(totals) == 4 and totals[1] < totals[0] and totals[3] < totals[1] and totals[3] < totals[2]
+    frozen = row(out, "frozen weights")
+    assert frozen[0] == pytest.approx(5_570_283_072 * 2 / 2**20, rel=1e-3)  # ZeRO-2: all of it, bf16
+    assert frozen[2] == pytest.approx(frozen[0] / 8, rel=0.01)  # ZeRO-3: an eighth
+    assert not (tmp_path / "runs").exists()
+
+    proc = run_python("launch/train.py", "--spec", str(spec), "--dry-run")  # no --video and no shards
+    assert proc.returncode == 2 and "data.shards" in proc.stderr and "--video 49x480x720" in proc.stderr
