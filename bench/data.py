@@ -8,12 +8,12 @@
     python bench/data.py --quick                              # 16 tiny-model samples: a smoke test in seconds
 
 raw:     every shard file read start to end into one reusable 8 MiB buffer, nothing decoded.
-loader:  trainer/data.py's MicroBatches + build_loader as training uses them: read by offset, safetensors
-         decode, finiteness check, stack, worker -> main process transfer (and pinning where CUDA is).
+loader:  trainer/data.py's MicroBatches + streaming as training uses them: reader threads read each sample by
+         offset straight into its batch row (page-locked where CUDA is) and check that its values are finite.
 Both read from the page cache (the files are read once before either is timed), so this measures the loader's
 CPU cost, not the disk. MB/s is 10^6 bytes/s: file bytes for raw, tensor payload (latents + prompt) for the
 loader; loader/raw is the ratio of the two (1.0 would be a free loader). The first micro-batch (worker
-start-up) is not timed; the workers' prefetch that overlaps it flatters the loader by a few batches at most.
+start-up) is not timed; the readers' prefetch that overlaps it flatters the loader by a few batches at most.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 
-from trainer.data import MicroBatches, build_loader, resolve_shards, streaming  # noqa: E402
+from trainer.data import MicroBatches, resolve_shards, streaming  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 from trainer.model import ModelShapes  # noqa: E402
 from trainer.shard_format import encode_sample, shard_samples  # noqa: E402
@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-dim", type=int, default=4096)
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--samples-per-shard", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2, help="loader workers (data.num_workers; default 2)")
+    p.add_argument("--workers", type=int, default=2, help="reader threads (data.num_workers; default 2)")
     p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=4, help="passes over the data on each side (default 4)")
     p.add_argument("--quick", action="store_true", help="16 samples of the tiny test model's shapes, 8 per shard")
     args = p.parse_args(argv)
     if args.quick:
@@ -97,21 +98,20 @@ def bench(args: argparse.Namespace, shards: list[str], kind: str) -> int:
 
     raw_read(shards)  # warm the page cache: both sides below read from memory
     start = time.perf_counter()
-    raw_bytes = raw_read(shards)
+    raw_bytes = sum(raw_read(shards) for _ in range(args.epochs))
     raw_s = time.perf_counter() - start
 
     dataset = MicroBatches(index, seed=0, micro_batch_size=args.micro_batch, start=0, rank=0, world_size=1,
-                           shapes=shapes)
-    loader = build_loader(dataset, num_workers=args.workers, pin_memory=torch.cuda.is_available())
-    loaded = (dataset.per_epoch - 1) * args.micro_batch
-    if loaded == 0:
+                           shapes=shapes, pin_memory=torch.cuda.is_available())
+    batches = args.epochs * dataset.per_epoch - 1
+    if batches == 0:
         raise SystemExit("need at least two micro-batches: raise --samples")
     payload = invalid = 0
     touched = 0.0
-    with streaming(loader) as stream:
-        next(stream)  # worker start-up, not timed
+    with streaming(dataset, threads=args.workers) as stream:
+        next(stream)  # thread start-up, not timed
         start = time.perf_counter()
-        for _ in range(dataset.per_epoch - 1):
+        for _ in range(batches):
             batch = next(stream)
             touched += float(batch.latents.view(-1)[0]) + float(batch.prompt_embeds.view(-1)[0])  # not lazy
             payload += batch.latents.nbytes + batch.prompt_embeds.nbytes
@@ -130,8 +130,9 @@ def bench(args: argparse.Namespace, shards: list[str], kind: str) -> int:
         print(f"warning: {invalid} sample(s) could not be read (zeros stood in)")
     print(f"{'':20} {'samples/s':>10} {'MB/s':>10}")
     raw_mbs, loader_mbs = raw_bytes / 1e6 / raw_s, payload / 1e6 / loader_s
-    print(f"{'raw read':20} {n / raw_s:10.1f} {raw_mbs:10.1f}")
-    print(f"{f'loader ({args.workers} workers)':20} {loaded / loader_s:10.1f} {loader_mbs:10.1f}")
+    print(f"{'raw read':20} {args.epochs * n / raw_s:10.1f} {raw_mbs:10.1f}")
+    label = f"loader ({args.workers} thread{'s' if args.workers != 1 else ''})"
+    print(f"{label:20} {batches * args.micro_batch / loader_s:10.1f} {loader_mbs:10.1f}")
     print(f"loader/raw = {loader_mbs / raw_mbs:.2f}")
     return 0
 

@@ -60,7 +60,7 @@ def worker(rank: int, world_size: int, port: int, spec_path: str, steps: int, ou
     from torch.profiler import ProfilerActivity, profile
 
     from trainer.costs import ZeroSettings
-    from trainer.data import MicroBatches, build_loader, streaming
+    from trainer.data import MicroBatches, streaming
     from trainer.engine import COMPUTE_DTYPES
     from trainer.loop import train_step
     from trainer.spec import load_spec
@@ -74,7 +74,7 @@ def worker(rank: int, world_size: int, port: int, spec_path: str, steps: int, ou
         run, index, _ = build(spec, plan)
         dataset = MicroBatches(index, seed=0, micro_batch_size=spec.data.micro_batch_size, start=0, rank=rank,
                                world_size=world_size, shapes=plan.shapes)
-        with streaming(build_loader(dataset, num_workers=0, pin_memory=False)) as stream:
+        with streaming(dataset, threads=0) as stream:
             for step in range(1, steps + 1):
                 train_step(run, stream, step)
     peak = torch.cuda.max_memory_allocated() if cuda else live_peak(prof)

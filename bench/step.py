@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 """Step overhead: the trainer's steady-state time per optimizer step against a bare DeepSpeed loop.
 
-    python bench/step.py                     # the CPU benchmark model (4 blocks, 512 wide, 1,570 tokens), 1 rank
-    python bench/step.py --size tiny --steps 4   # the smoke test's
+    python bench/step.py                     # the CPU model (8 blocks of 8 heads x 64, 1,570 tokens), 1 rank
+    python bench/step.py --size tiny --steps 4 --rounds 1   # the smoke test's
 
-trainer  `python launch/train.py` on synthetic shards (loader workers, noise, timesteps, loss buckets, the
+trainer  `python launch/train.py` on synthetic shards (reader threads, noise, timesteps, loss buckets, the
          per-step stop/save decision, logging every step): step_time_s from metrics.jsonl after the warm-up
          steps, and data_wait_fraction from the same records.
 bare     the same model, DeepSpeed config and batches, already in memory and noised:
          engine(x_t, text, t), MSE on v, engine.backward, engine.step; nothing else.
 The ratio trainer/bare is what the trainer costs on top of the model's own compute (1.00 would be free).
+The two sides take turns (--rounds), so that the machine's drift over minutes falls on both alike; the medians
+are over every timed step of every round.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
     p.add_argument("--steps", type=int, default=12, help="timed optimizer steps of each side (after warm-up)")
-    p.add_argument("--workers", type=int, default=2, help="the trainer's data.num_workers")
+    p.add_argument("--workers", type=int, default=2, help="the trainer's data.num_workers (reader threads)")
+    p.add_argument("--rounds", type=int, default=5, help="turns of trainer then bare loop (default 5)")
     p.add_argument("--bare", help=argparse.SUPPRESS)  # internal: run the bare loop on this spec, print JSON
     args = p.parse_args(argv)
     if args.bare:
@@ -106,19 +110,22 @@ def main(argv: list[str] | None = None) -> int:
         shards = write_shards(work, model, args.size, 32)
         spec = write_spec(work / "run.yaml", model, shards, steps=WARMUP_STEPS + args.steps, log_every=1,
                           data={"num_workers": args.workers})
-        records = trainer(spec, env)
         same = write_spec(work / "bare.yaml", model, shards, steps=WARMUP_STEPS + args.steps)  # its own output_dir
-        proc = subprocess.run([sys.executable, __file__, "--bare", str(same), "--steps", str(args.steps)], env=env,
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"the bare loop failed:\n{proc.stderr[-3000:]}")
-        bare_times = json.loads(proc.stdout.strip().splitlines()[-1])
+        records, bare_times = [], []
+        for _ in range(args.rounds):
+            shutil.rmtree(spec.with_suffix(""), ignore_errors=True)  # a fresh run, not a resume
+            records += trainer(spec, env)
+            proc = subprocess.run([sys.executable, __file__, "--bare", str(same), "--steps", str(args.steps)],
+                                  env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"the bare loop failed:\n{proc.stderr[-3000:]}")
+            bare_times += json.loads(proc.stdout.strip().splitlines()[-1])
     steps = [r["step_time_s"] for r in records]
     trainer_s, bare_s = statistics.median(steps), statistics.median(bare_times)  # the machine's noise aside
     wait = statistics.mean(r["data_wait_fraction"] for r in records)
     frames, height, width = SIZES[args.size][1]
     print(f"\n{machine()}; model '{args.size}' at {frames}x{height}x{width}, ZeRO-2, bf16, 1 rank, micro-batch 1; "
-          f"{args.steps} timed steps each after {WARMUP_STEPS} of warm-up")
+          f"{args.rounds} round(s) of {args.steps} timed steps each side after {WARMUP_STEPS} of warm-up")
     print_table("step overhead", ["", "median s/step", "min", "max"],
                 [["trainer", trainer_s, min(steps), max(steps)], ["bare DeepSpeed loop", bare_s, min(bare_times),
                                                                    max(bare_times)]])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import tarfile
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -14,11 +16,11 @@ import torch
 import webdataset as wds
 
 from helpers import META
-from trainer.data import MicroBatches, build_loader, resolve_shards
+from trainer.data import MicroBatches, read_sample, resolve_shards, streaming
 from trainer.errors import UserError
 from trainer.model import ModelShapes
-from trainer.shard_format import ShardError, decode_sample, encode_sample
-from trainer.shard_index import ShardIndex, build_index
+from trainer.shard_format import ShardError, decode_sample, encode_sample, shard_samples
+from trainer.shard_index import Extent, ShardIndex, build_index, tensor_header
 
 
 
@@ -109,11 +111,69 @@ def test_micro_batches_hold_one_latent_shape_and_drop_partial_ones(tmp_path, sha
         dataset(index, micro=9, shapes=shapes)
 
 
-def test_loader_workers_return_the_sequence_in_order(tmp_path, shapes):
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_reader_threads_return_the_sequence_in_order_and_stop_on_the_way_out(tmp_path, shapes, threads):
     index = build_index(write_shards(tmp_path, [[(4, 3, 12, 16)] * 2] * 4), shapes)
-    data = dataset(index, rank=1, world_size=2, start=6, shapes=shapes)
-    loader = build_loader(data, num_workers=2, pin_memory=False)
-    assert [sample_ids(b) for b in itertools.islice(loader, 9)] == [sample_ids(data[k]) for k in range(9)]
+    data = dataset(index, rank=1, world_size=2, start=6, micro=2, shapes=shapes)
+    with streaming(data, threads=threads) as stream:
+        got = list(itertools.islice(stream, 9))  # past the end of an epoch (4 micro-batches each)
+    assert not [t for t in threading.enumerate() if t.name.startswith("loader")]
+    for k, batch in enumerate(got):
+        want = data[k]
+        assert batch.keys == want.keys and batch.position == want.position
+        assert torch.equal(batch.latents, want.latents) and torch.equal(batch.prompt_embeds, want.prompt_embeds)
+
+
+def test_a_reader_threads_failure_reaches_the_trainer(tmp_path, shapes):
+    index = build_index(write_shards(tmp_path, [[(4, 3, 12, 16)] * 4]), shapes)
+    data = dataset(index, shapes=shapes)
+    data.epoch_plan = None  # not callable: every read fails with a TypeError
+    with pytest.raises(TypeError), streaming(data, threads=2) as stream:
+        next(stream)
+    assert not [t for t in threading.enumerate() if t.name.startswith("loader")]
+
+
+def test_rows_read_in_place_equal_what_safetensors_decodes_in_any_stored_dtype(tmp_path, shapes):
+    dtypes = [torch.bfloat16, torch.float32, torch.float16, torch.bfloat16]
+
+    def edit(i, members):
+        gen = torch.Generator().manual_seed(i)
+        return encode_sample(members["__key__"], torch.randn(4, 3, 12, 16, generator=gen).to(dtypes[i]),
+                             torch.randn(226, 32, generator=gen).to(dtypes[3 - i]), META)
+
+    paths = write_shards(tmp_path, [[(4, 3, 12, 16)] * 4], edit=edit)
+    index = build_index(paths, shapes)
+    assert [r.dtypes for r in index.samples] == [("BF16", "BF16"), ("F32", "F16"), ("F16", "F32"), ("BF16", "BF16")]
+    decoded = {s.key: s for s in shard_samples(paths[0])}
+    data = dataset(index, micro=4, shapes=shapes)
+    batch = data[0]
+    assert batch.latents.dtype == torch.float32 and batch.valid.all()  # promoted: fp32 holds every value exactly
+    for key, latents, prompt in zip(batch.keys, batch.latents, batch.prompt_embeds):
+        assert torch.equal(latents, decoded[key].latents.float())
+        assert torch.equal(prompt, decoded[key].prompt_embeds.float())
+    alone = read_sample(index, index.samples[1], (226, 32))
+    assert alone[0].dtype == torch.float32 and alone[1].dtype == torch.float16
+    assert torch.equal(alone[0], decoded["s0001"].latents) and torch.equal(alone[1], decoded["s0001"].prompt_embeds)
+
+
+def test_a_shard_changed_after_start_up_gives_invalid_samples_named_by_key(tmp_path, shapes):
+    paths = write_shards(tmp_path, [[(4, 3, 12, 16)] * 3])
+    index = build_index(paths, shapes)
+    data = dataset(index, micro=3, shapes=shapes)
+    good = data[0]
+    blob = Path(paths[0]).read_bytes()
+    Path(paths[0]).write_bytes(blob[:index.samples[2].latents.offset + 200])  # s0002's data cut short
+    batch = data[0]
+    assert batch.valid.tolist() == [key != "s0002" for key in batch.keys]
+    assert [f.problem for f in batch.faults] == ["latents.safetensors is truncated"]
+    assert torch.equal(batch.latents[batch.valid], good.latents[batch.valid]) and good.valid.all()
+    resized = write_shards(tmp_path / "other", [[(4, 3, 12, 16), (4, 2, 12, 16), (4, 3, 12, 16)]])
+    Path(paths[0]).write_bytes(Path(resized[0]).read_bytes())  # s0001 now another shape, s0002 moved
+    faults = [str(f) for f in data[0].faults]
+    assert faults[0] == f"shard {paths[0]}, sample 's0001': latents changed shape since start-up: [4, 2, 12, 16]"
+    assert faults[1].startswith(f"shard {paths[0]}, sample 's0002': latents.safetensors is not a valid")
+    Path(paths[0]).unlink()
+    assert [f.problem for f in data[0].faults][0].startswith("cannot be read")
 
 
 def test_a_split_index_merges_to_the_whole(tmp_path, shapes):
@@ -162,6 +222,41 @@ def test_the_index_names_each_bad_sample_and_keeps_the_good_ones(tmp_path, shape
     with tarfile.open(paths[0]) as tar:  # the index's offsets are where the tar keeps the data
         member = tar.getmember("s0000.latents.safetensors")
         assert index.samples[0].latents == (member.offset_data, member.size)
+
+
+@pytest.mark.parametrize("header, data, problem", [
+    ({"latents": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 12]}}, 12, None),
+    ({"latents": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 10]}}, 10,
+     "is not a valid safetensors blob (10 bytes of data for latents of shape [2, 3] in BF16)"),
+    ({"latents": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 12]}}, 6, "latents.safetensors is truncated"),
+    ({"latents": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [-2, 10]}}, 12, "blob (data offsets -2, 10)"),
+    ({"latents": {"dtype": ["BF16"], "shape": [2, 3], "data_offsets": [0, 12]}}, 12, "latents has dtype ['BF16']"),
+    ({"other": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 12]}}, 12, "holding 'latents'"),
+    ({"latents": {"dtype": "BF16", "shape": [-2, -3], "data_offsets": [0, 12]}}, 12,
+     "latents has shape [-2, -3]: every dimension must be positive"),
+    ({"latents": {"dtype": "BF16", "shape": [0, 3], "data_offsets": [0, 0]}}, 0, "every dimension must be positive"),
+    ({"latents": {"dtype": "BF16", "shape": "23", "data_offsets": [0, 12]}}, 12, "holding 'latents'"),
+    ({"latents": {"dtype": "BF16", "shape": [2.0, 3], "data_offsets": [0, 12]}}, 12, "holding 'latents'"),
+    (b'{"latents": {"dtype": "BF16", "shape": [1e400], "data_offsets": [0, 12]}}', 12, "holding 'latents'"),
+    (b"[" * 100_000, 12, "holding 'latents'"),  # deeper than json's recursion limit
+])
+def test_tensor_headers_are_checked_before_any_byte_is_read_into_a_batch(tmp_path, header, data, problem):
+    """The reader trusts a header's offset and size to read raw bytes into a tensor: they must add up."""
+    head = header if isinstance(header, bytes) else json.dumps(header).encode()
+    blob = len(head).to_bytes(8, "little") + head + bytes(data)
+    path = tmp_path / "blob"
+    path.write_bytes(b"tar header" + blob)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if problem is None:
+            assert tensor_header(fd, Extent(10, len(blob)), "s.tar", "k", "latents.safetensors", "latents") == (
+                (2, 3), "BF16", 10 + 8 + len(head), 12)
+        else:
+            with pytest.raises(ShardError) as caught:
+                tensor_header(fd, Extent(10, len(blob)), "s.tar", "k", "latents.safetensors", "latents")
+            assert problem in str(caught.value) and str(caught.value).startswith("shard s.tar, sample 'k': ")
+    finally:
+        os.close(fd)
 
 
 def test_non_finite_values_found_when_read_become_an_invalid_sample(tmp_path, shapes):

@@ -45,8 +45,8 @@ def launch(args: tuple[str, ...], ranks: int = 2, script: str = "launch/train.py
 
 
 def rank_processes(proc: subprocess.Popen) -> list[psutil.Process]:
-    """The trainer processes under the deepspeed launcher (runner -> launch.py -> one per rank), with their
-    loader workers: SLURM signals every process of a task."""
+    """The trainer processes under the deepspeed launcher (runner -> launch.py -> one per rank): what SLURM
+    signals, since it signals every process of a task (the loader reads in threads of these processes)."""
     return [p for p in psutil.Process(proc.pid).children(recursive=True)
             if any(a.startswith("--local_rank") for a in p.cmdline())]
 

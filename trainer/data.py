@@ -11,26 +11,29 @@ ranks continues the sequence without repeating or skipping a sample.
 
 from __future__ import annotations
 
+import functools
 import glob
+import itertools
 import json
 import math
+import os
 import random
-from collections import defaultdict
+import threading
+from collections import defaultdict, deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from braceexpand import braceexpand
-from torch.utils.data import DataLoader, Dataset
 
 from trainer.errors import UserError
-from trainer.faults import ignore_stop_signals
 from trainer.model import ModelShapes
 from trainer.rng import DATA_ORDER, derive_seed
-from trainer.shard_format import LATENTS, PROMPT_EMBEDS, ShardError, load_tensor, shard_samples
-from trainer.shard_index import Extent, SampleRef, ShardIndex
+from trainer.shard_format import LATENTS, PROMPT_EMBEDS, ShardError, shard_samples
+from trainer.shard_index import FLOAT_DTYPES, Extent, SampleRef, ShardIndex, tensor_header
 
 
 class Batch(NamedTuple):
@@ -99,14 +102,15 @@ def check_latent_scale(shards: list[str], model_dir: Path, field: str = "data.sh
                             f"Repack them with data_tools/shard.py --model {model_dir}")
 
 
-class MicroBatches(Dataset):
+class MicroBatches:
     """Micro-batch k of one rank; a pure function of (index, seed, micro batch, start, rank, world size)."""
 
     def __init__(self, index: ShardIndex, *, seed: int, micro_batch_size: int, start: int, rank: int,
-                 world_size: int, shapes: ModelShapes):
+                 world_size: int, shapes: ModelShapes, pin_memory: bool = False):
         self.index, self.seed, self.micro_batch_size = index, seed, micro_batch_size
         self.start, self.rank, self.world_size = start, rank, world_size
         self.prompt_shape = (shapes.text_len, shapes.text_dim)
+        self.pin_memory = pin_memory  # batches are read straight into page-locked memory for async copies
         counts: dict[tuple, int] = defaultdict(int)
         for ref in index.samples:
             counts[ref.shape] += 1
@@ -114,23 +118,26 @@ class MicroBatches(Dataset):
         if self.per_epoch == 0:
             raise UserError(f"data.shards: no latent shape has data.micro_batch_size={micro_batch_size} samples "
                             f"({dict(counts) or 'no usable samples'}); lower the micro batch size or add data")
-        self._plan: tuple[int, list[list[int]]] | None = None  # the current epoch's micro-batches, per worker
+        self._plans: dict[int, list[list[int]]] = {}  # this epoch's and the next: reader threads straddle the two
+        self._plans_lock = threading.Lock()
 
     def epoch_plan(self, epoch: int) -> list[list[int]]:
         """The epoch's micro-batches as sample ids: a seeded permutation, grouped by shape in that order."""
-        if self._plan is None or self._plan[0] != epoch:
-            n = len(self.index.samples)
-            order = random.Random(derive_seed(self.seed, DATA_ORDER, epoch)).sample(range(n), n)
-            buckets: dict[tuple, list[int]] = defaultdict(list)
-            plan = []
-            for i in order:
-                bucket = buckets[self.index.samples[i].shape]
-                bucket.append(i)
-                if len(bucket) == self.micro_batch_size:
-                    plan.append(bucket.copy())
-                    bucket.clear()
-            self._plan = (epoch, plan)
-        return self._plan[1]
+        with self._plans_lock:  # computed once, however many reader threads ask
+            if epoch not in self._plans:
+                n = len(self.index.samples)
+                order = random.Random(derive_seed(self.seed, DATA_ORDER, epoch)).sample(range(n), n)
+                buckets: dict[tuple, list[int]] = defaultdict(list)
+                plan = []
+                for i in order:
+                    bucket = buckets[self.index.samples[i].shape]
+                    bucket.append(i)
+                    if len(bucket) == self.micro_batch_size:
+                        plan.append(bucket.copy())
+                        bucket.clear()
+                self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+                self._plans[epoch] = plan
+            return self._plans[epoch]
 
     def global_position(self, k: int) -> int:
         return self.start + k * self.world_size + self.rank
@@ -138,86 +145,108 @@ class MicroBatches(Dataset):
     def __getitem__(self, k: int) -> Batch:
         epoch, j = divmod(self.global_position(k), self.per_epoch)
         refs = [self.index.samples[i] for i in self.epoch_plan(epoch)[j]]
-        latents, prompts, valid, faults = [], [], [], []
-        for ref in refs:
+        # one tensor per batch, each sample read into its row: no decode, stack or hand-over copies
+        latents = self._empty(refs, 0, refs[0].shape)
+        prompts = self._empty(refs, 1, self.prompt_shape)
+        valid, faults = [], []
+        for ref, lat, prompt in zip(refs, latents, prompts):
             try:
-                lat, prompt = self.read(ref)
+                read_sample_into(self.index, ref, lat, prompt)
                 valid.append(True)
             except ShardError as exc:
                 faults.append(exc)
-                lat, prompt = torch.zeros(ref.shape), torch.zeros(self.prompt_shape)
+                lat.zero_()
+                prompt.zero_()
                 valid.append(False)
-            latents.append(lat)
-            prompts.append(prompt)
         names = [Path(self.index.shards[r.shard]).name for r in refs]
-        return Batch([r.key for r in refs], names, torch.stack(latents), torch.stack(prompts), torch.tensor(valid),
-                     faults, (epoch, j))
+        return Batch([r.key for r in refs], names, latents, prompts, torch.tensor(valid), faults, (epoch, j))
 
-    def read(self, ref: SampleRef) -> tuple[torch.Tensor, torch.Tensor]:
-        return read_sample(self.index, ref)
+    def _empty(self, refs: list[SampleRef], member: int, shape: tuple[int, ...]) -> torch.Tensor:
+        dtype = functools.reduce(torch.promote_types, (FLOAT_DTYPES[r.dtypes[member]] for r in refs))
+        return torch.empty((len(refs), *shape), dtype=dtype, pin_memory=self.pin_memory)
 
 
-def read_sample(index: ShardIndex, ref: SampleRef) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents, prompt embeddings) of one indexed sample, read by offset; a ShardError names shard and key."""
-    shard = index.shards[ref.shard]
-    try:
-        with open(shard, "rb") as file:
-            latents = load_tensor(_read(file, ref.latents), LATENTS, "latents", 4, shard, ref.key)
-            prompt = load_tensor(_read(file, ref.prompt_embeds), PROMPT_EMBEDS, "prompt_embeds", 2, shard, ref.key)
-    except OSError as exc:
-        raise ShardError(shard, ref.key, f"cannot be read ({exc})") from None
-    for name, tensor in (("latents", latents), ("prompt_embeds", prompt)):
-        # NaN and inf carry through a sum: one fp32 reduction instead of a full-size boolean tensor (10x
-        # cheaper, bench/data.py); only a sum that is not finite (maybe an fp32 overflow) needs the full check
-        if not torch.isfinite(tensor.sum(dtype=torch.float32)) and not torch.isfinite(tensor).all():
-            raise ShardError(shard, ref.key, f"{name} hold NaN or inf values")
-    if tuple(latents.shape) != ref.shape:
-        raise ShardError(shard, ref.key, f"latents changed shape since start-up: {list(latents.shape)}")
+def read_sample(index: ShardIndex, ref: SampleRef, prompt_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, prompt embeddings) of one indexed sample, in their stored dtypes; a ShardError names shard and
+    key."""
+    latents = torch.empty(ref.shape, dtype=FLOAT_DTYPES[ref.dtypes[0]])
+    prompt = torch.empty(prompt_shape, dtype=FLOAT_DTYPES[ref.dtypes[1]])
+    read_sample_into(index, ref, latents, prompt)
     return latents, prompt
 
 
-def _read(file, extent: Extent) -> bytes:
-    file.seek(extent.offset)
-    return file.read(extent.size)
+def read_sample_into(index: ShardIndex, ref: SampleRef, latents: torch.Tensor, prompt: torch.Tensor) -> None:
+    """Read one indexed sample by offset straight into ``latents`` and ``prompt`` (contiguous, e.g. rows of a
+    batch), checking what the index found still holds and that every value is finite; a ShardError names
+    shard, key and problem."""
+    shard = index.shards[ref.shard]
+    try:
+        fd = os.open(shard, os.O_RDONLY)
+    except OSError as exc:
+        raise ShardError(shard, ref.key, f"cannot be read ({exc})") from None
+    try:
+        _read_tensor(fd, ref.latents, LATENTS, "latents", latents, shard, ref.key)
+        _read_tensor(fd, ref.prompt_embeds, PROMPT_EMBEDS, "prompt_embeds", prompt, shard, ref.key)
+    finally:
+        os.close(fd)
+    for name, tensor in (("latents", latents), ("prompt_embeds", prompt)):
+        # NaN and inf carry through a sum: one reduction in the stored dtype (32 GB/s for bf16 on one core here)
+        # instead of a full-size boolean tensor (0.8 GB/s); only a sum that is not finite (maybe an overflow:
+        # fp16's range is small) needs the full check
+        if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+            raise ShardError(shard, ref.key, f"{name} hold NaN or inf values")
 
 
-class _Endless:
-    def __iter__(self) -> Iterator[int]:
-        k = 0
-        while True:
-            yield k
-            k += 1
-
-
-def _worker_init(worker_id: int) -> None:
-    """SLURM signals every process of a task, loader workers included. torch's workers die on SIGTERM, and the
-    trainer would then fail before its preemption save; the trainer alone acts on these signals, and the
-    workers exit when it does."""
-    ignore_stop_signals()
+def _read_tensor(fd: int, extent: Extent, member: str, name: str, out: torch.Tensor, shard: str, key: str) -> None:
+    header = tensor_header(fd, extent, shard, key, member, name)
+    if header.shape != tuple(out.shape):
+        raise ShardError(shard, key, f"{name} changed shape since start-up: {list(header.shape)}")
+    stored = FLOAT_DTYPES[header.dtype]
+    target = out if stored == out.dtype else torch.empty(header.shape, dtype=stored)  # a batch of mixed dtypes
+    buffer = target.view(-1).view(torch.uint8).numpy()
+    done = 0
+    while done < header.size:  # pread may return less than asked
+        try:
+            n = os.preadv(fd, [buffer[done:]], header.offset + done)
+        except OSError as exc:
+            raise ShardError(shard, key, f"cannot be read ({exc})") from None
+        if n == 0:
+            raise ShardError(shard, key, f"{member} is truncated")
+        done += n
+    if target is not out:
+        out.copy_(target)
 
 
 @contextmanager
-def streaming(loader: DataLoader) -> Iterator[Batch]:
-    """Iterate a loader and stop its workers on the way out, also on an exception. The workers ignore SIGTERM
-    (_worker_init), so the SIGTERM that multiprocessing sends at interpreter exit would not end them:
-    they are told to stop through their queues instead."""
-    stream = iter(loader)
-    try:
-        yield stream
-    finally:
-        shutdown = getattr(stream, "_shutdown_workers", None)  # torch's own orderly shutdown of the workers
-        if shutdown is not None:
-            shutdown()
+def streaming(dataset: MicroBatches, threads: int) -> Iterator[Iterator[Batch]]:
+    """Micro-batches k = 0, 1, 2, ... in order, read by ``threads`` threads of this process ahead of the
+    trainer (0: read when asked); stops them on the way out, also on an exception.
+
+    Threads rather than worker processes: the reads and the finite check release the GIL, each batch is read
+    straight into its final (page-locked) memory with nothing to hand over between processes (0.16 -> ~0.7 of a
+    raw read in bench/data.py, against torch DataLoader workers), and SLURM, which signals every process of a
+    task, finds no loader process to kill before the trainer's preemption save."""
+    if threads == 0:
+        yield map(dataset.__getitem__, itertools.count())
+        return
+    # page-locked memory is allocated under the rank's own GPU, never a context on GPU 0 from a new thread
+    device = torch.cuda.current_device() if dataset.pin_memory else None
+    with ThreadPoolExecutor(threads, thread_name_prefix="loader",
+                            initializer=None if device is None else torch.cuda.set_device, initargs=(device,)) as pool:
+        ahead = deque(pool.submit(dataset.__getitem__, k) for k in range(2 * threads))  # keeps every thread busy
+
+        def stream() -> Iterator[Batch]:
+            for k in itertools.count(len(ahead)):
+                batch = ahead.popleft().result()  # a reader's exception surfaces here, in the trainer
+                ahead.append(pool.submit(dataset.__getitem__, k))
+                yield batch
+
+        try:
+            yield stream()
+        finally:
+            for future in ahead:
+                future.cancel()  # the reads already running finish (milliseconds); the pool then joins them
 
 
-def build_loader(dataset: MicroBatches, *, num_workers: int, pin_memory: bool) -> DataLoader:
-    """Workers fetch micro-batches k = 0, 1, 2, ... ahead of the trainer; DataLoader returns them in order."""
-    # its own generator: iter() draws a base seed, which must not come from (and advance) the global one that
-    # a resumed run restores for LoRA dropout
-    return DataLoader(dataset, batch_size=None, sampler=_Endless(), num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=_worker_init,
-                      generator=torch.Generator().manual_seed(dataset.seed))
-
-
-__all__ = ["Batch", "MicroBatches", "ShardError", "build_loader", "check_first_sample", "check_latent_scale",
-           "read_sample", "resolve_shards", "streaming"]
+__all__ = ["Batch", "MicroBatches", "ShardError", "check_first_sample", "check_latent_scale", "read_sample",
+           "read_sample_into", "resolve_shards", "streaming"]

@@ -32,7 +32,8 @@ class Stopped(Exception):
 
 
 class StopSignals:
-    """Records the first stop signal; loader workers forked later inherit the handler and keep running."""
+    """Records the first stop signal (Python runs handlers in the main thread; the loader's reader threads and
+    the watchdog keep running)."""
 
     def __init__(self):
         self.received: int | None = None
@@ -45,9 +46,8 @@ class StopSignals:
 
 
 def ignore_stop_signals() -> None:
-    """For loader workers (the trainer process alone acts on stop signals), and for the trainer once its stop
-    is saved: then more signals must not turn exit 75 into "killed" (srun --kill-on-bad-exit SIGTERMs the
-    ranks still tearing down once the first one exits)."""
+    """For the trainer once its stop is saved: then more signals must not turn exit 75 into "killed" (srun
+    --kill-on-bad-exit SIGTERMs the ranks still tearing down once the first one exits)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 

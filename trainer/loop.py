@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.checkpoint import Checkpointer
-from trainer.data import Batch, MicroBatches, build_loader, streaming
+from trainer.data import Batch, MicroBatches, streaming
 from trainer.distributed import all_gather
 from trainer.errors import UserError
 from trainer.export import export_lora
@@ -46,11 +46,10 @@ def train(spec: RunSpec) -> Path | None:
         raise
     dataset = MicroBatches(index, seed=spec.run.seed, micro_batch_size=spec.data.micro_batch_size,
                            start=state.micro_batches_consumed, rank=run.rank, world_size=dist.get_world_size(),
-                           shapes=plan.shapes)
-    loader = build_loader(dataset, num_workers=spec.data.num_workers, pin_memory=run.engine.device.type == "cuda")
+                           shapes=plan.shapes, pin_memory=run.engine.device.type == "cuda")
     loop = Loop(run, state, reporter, signals, dataset, last_checkpoint=plan.resume_from)
     loop.validate(state.optimizer_step)  # what a stop at the checkpoint's step left undone (nothing otherwise)
-    with streaming(loader) as stream:
+    with streaming(dataset, threads=spec.data.num_workers) as stream:
         for optimizer_step in range(state.optimizer_step + 1, spec.train.max_steps + 1):
             loop.step(stream, optimizer_step)
     return loop.finish()

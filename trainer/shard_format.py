@@ -37,7 +37,7 @@ class ShardError(UserError):
         super().__init__(f"shard {shard}, sample {key!r}: {problem}" if key else f"shard {shard}: {problem}")
         self.shard, self.key, self.problem = shard, key, problem
 
-    def __reduce__(self):  # crosses from loader workers to the trainer intact
+    def __reduce__(self):  # crosses between ranks intact (the index's faults are all-gathered)
         return ShardError, (self.shard, self.key, self.problem)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import re
 import struct
 import tarfile
@@ -17,10 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
+
 from trainer.model import ModelShapes
 from trainer.shard_format import LATENTS, MEMBERS, PROMPT_EMBEDS, ShardError
 
-FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 _KEY_AND_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's split: key up to the first dot
 
 
@@ -35,28 +40,59 @@ class SampleRef(NamedTuple):
     latents: Extent
     prompt_embeds: Extent
     shape: tuple[int, ...]  # latent shape [C, F, H, W]: samples of one shape share micro-batches
+    dtypes: tuple[str, str]  # safetensors dtypes of latents and prompt_embeds
 
 
-def _header(file, extent: Extent, shard: str, key: str, member: str, name: str) -> tuple[tuple[int, ...], str]:
-    """Shape and dtype of the one tensor in a safetensors member, from its JSON header."""
-    file.seek(extent.offset)
-    head = file.read(8)
+class TensorHeader(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: str  # safetensors name: "BF16", "F16", "F32" or "F64"
+    offset: int  # byte offset of the tensor's data in the tar file
+    size: int
+
+
+def tensor_header(fd: int, extent: Extent, shard: str, key: str, member: str, name: str) -> TensorHeader:
+    """Where the one tensor of a safetensors member lies and what it is, from its JSON header (read with
+    pread: the file position, which tarfile may be using, does not move)."""
+    head = _pread(fd, min(extent.size, 512), extent.offset, shard, key)  # the length and, usually, the JSON
     if len(head) < 8:
         raise ShardError(shard, key, f"{member} is truncated")
-    (length,) = struct.unpack("<Q", head)
-    if length > extent.size - 8:
+    (length,) = struct.unpack("<Q", head[:8])
+    if length > min(extent.size - 8, MAX_HEADER):
         raise ShardError(shard, key, f"{member} is not a valid safetensors blob (header length {length})")
+    if 8 + length > len(head):
+        head = _pread(fd, 8 + length, extent.offset, shard, key)
+    invalid = ShardError(shard, key, f"{member} is not a valid safetensors blob holding {name!r}")
     try:
-        header = json.loads(file.read(length))
-        info = header[name]
-        shape, dtype, (start, end) = tuple(int(d) for d in info["shape"]), info["dtype"], info["data_offsets"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-        raise ShardError(shard, key, f"{member} is not a valid safetensors blob holding {name!r}") from None
-    if 8 + length + end > extent.size or end < start:
+        info = json.loads(head[8:8 + length])[name]
+        shape, dtype, (start, end) = info["shape"], info["dtype"], info["data_offsets"]
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, ValueError):
+        raise invalid from None
+    if not (isinstance(shape, list) and all(_is_int(d) for d in shape) and _is_int(start) and _is_int(end)):
+        raise invalid  # "23" or 16.9 or 1e400 as a size: refused, not coerced
+    shape = tuple(shape)
+    if not all(d > 0 for d in shape):
+        raise ShardError(shard, key, f"{name} has shape {list(shape)}: every dimension must be positive")
+    if not 0 <= start <= end:
+        raise ShardError(shard, key, f"{member} is not a valid safetensors blob (data offsets {start}, {end})")
+    if 8 + length + end > extent.size or len(head) < 8 + length:
         raise ShardError(shard, key, f"{member} is truncated")
-    if dtype not in FLOAT_DTYPES:
+    if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
         raise ShardError(shard, key, f"{name} has dtype {dtype}, expected one of {sorted(FLOAT_DTYPES)}")
-    return shape, dtype
+    if end - start != math.prod(shape) * FLOAT_DTYPES[dtype].itemsize:
+        raise ShardError(shard, key, f"{member} is not a valid safetensors blob ({end - start} bytes of data "
+                                     f"for {name} of shape {list(shape)} in {dtype})")
+    return TensorHeader(shape, dtype, extent.offset + 8 + length + start, end - start)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _pread(fd: int, size: int, offset: int, shard: str, key: str) -> bytes:
+    try:
+        return os.pread(fd, size, offset)
+    except OSError as exc:
+        raise ShardError(shard, key, f"cannot be read ({exc})") from None
 
 
 def _member_groups(path: str) -> Iterator[tuple[str, dict[str, Extent]]]:
@@ -107,13 +143,15 @@ def index_shard(path: str, shard_id: int, shapes: ModelShapes) -> tuple[list[Sam
                 missing = [m for m in MEMBERS if m not in members]
                 if missing:
                     raise ShardError(path, key, f"missing member(s) {missing}")
-                latents, _ = _header(file, members[LATENTS], path, key, LATENTS, "latents")
-                prompt, _ = _header(file, members[PROMPT_EMBEDS], path, key, PROMPT_EMBEDS, "prompt_embeds")
-                shapes.check(path, key, latents, prompt)
+                latents = tensor_header(file.fileno(), members[LATENTS], path, key, LATENTS, "latents")
+                prompt = tensor_header(file.fileno(), members[PROMPT_EMBEDS], path, key, PROMPT_EMBEDS,
+                                       "prompt_embeds")
+                shapes.check(path, key, latents.shape, prompt.shape)
             except ShardError as exc:
                 faults.append(exc)
                 continue
-            refs.append(SampleRef(shard_id, key, members[LATENTS], members[PROMPT_EMBEDS], latents))
+            refs.append(SampleRef(shard_id, key, members[LATENTS], members[PROMPT_EMBEDS], latents.shape,
+                                  (latents.dtype, prompt.dtype)))
     if not refs and not faults:
         faults.append(ShardError(path, None, "holds no samples"))
     return refs, faults

@@ -57,6 +57,7 @@ class DataSection(_Section):
     # A brace pattern ("data/train-{000000..000099}.tar"), a directory of .tar files, or a list of either.
     shards: str | list[str]
     micro_batch_size: int = Field(1, gt=0)
+    # Reader threads per rank keeping the next micro-batches ready (0: read each when it is needed).
     num_workers: int = Field(2, ge=0)
     # A bad sample (truncated or corrupt shard, missing member, wrong shape or dtype, non-finite values):
     # skip it with a warning naming shard and key, or stop the run naming them.

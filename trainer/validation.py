@@ -176,7 +176,7 @@ class Validation:
             i = first + rank
             ref = refs[min(i, len(refs) - 1)]
             try:
-                latents, prompt = read_sample(self.loss_index, ref)
+                latents, prompt = read_sample(self.loss_index, ref, self.prompt_shape)
                 weight = 1.0 if i < len(refs) else 0.0  # past the end: the same passes, not counted
             except ShardError as exc:
                 faults.append(str(exc))
