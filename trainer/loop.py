@@ -237,7 +237,7 @@ def train_step(run: Run, stream, optimizer_step: int) -> StepOutput:
         t = run.timesteps(optimizer_step, micro_step)
         noise = torch.randn(x0.shape, generator=run.noise, device=device, dtype=torch.float32)
         x_t = run.objective.add_noise(x0, noise, t).to(run.dtype)
-        v_pred = engine(x_t, batch.prompt_embeds.to(device, run.dtype, non_blocking=True), t)
+        v_pred = engine(x_t, batch.prompt_embeds.to(device, non_blocking=True).to(run.dtype), t)  # cast on the device
         per_sample = run.objective.loss(v_pred, x0, noise, t)  # fp32
         # a sample that could not be read stands in as zeros and contributes nothing
         valid = batch.valid.to(device, non_blocking=True)
