@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -11,6 +10,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from trainer.process_env import free_port  # noqa: E402, F401  (the benchmarks' ranks meet on it)
+from trainer.reporting import tables  # noqa: E402
 
 # Transformer widths and depths (the rest is data_tools/tiny_model.py's geometry: 4 latent channels, patch 2,
 # 226 text tokens of width 32) and the clip size each benchmark size trains on.
@@ -42,7 +44,7 @@ def write_shards(work: Path, model: Path, size: str, samples: int) -> Path:
 def write_spec(path: Path, model: Path, shards: Path, *, steps: int, stage: int = 2, log_every: int = 1,
                workers: int = 2, **sections) -> Path:
     """A run spec with no checkpoints and no validation: what the benchmarks time is training alone."""
-    spec = {"run": {"output_dir": str(path.with_suffix(""))}, "model": {"path": str(model)},
+    spec: dict[str, dict] = {"run": {"output_dir": str(path.with_suffix(""))}, "model": {"path": str(model)},
             "lora": {"rank": 16}, "data": {"shards": str(shards), "num_workers": workers},
             "train": {"max_steps": steps}, "deepspeed": {"config": f"zero{stage}"},
             "checkpoint": {"every_steps": 0, "every_minutes": None}, "logging": {"every_steps": log_every}}
@@ -52,27 +54,18 @@ def write_spec(path: Path, model: Path, shards: Path, *, steps: int, stage: int 
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rank_env(rank: int, world_size: int, port: int) -> None:
     """What a launcher would set, for a rank started by torch.multiprocessing."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
-    cells = [header] + [[c if isinstance(c, str) else f"{c:,.3g}" if abs(c) < 1000 else f"{c:,.0f}" for c in row]
-                        for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    print(f"\n{title}")
-    for n, row in enumerate(cells):
-        print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if n == 0:
-            print("  " + "  ".join("-" * w for w in widths))
+    """The trainer's table printer, numbers to 3 significant digits (whole numbers from 1,000)."""
+    cells = [[c if isinstance(c, str) else f"{c:,.3g}" if abs(c) < 1000 else f"{c:,.0f}" for c in row] for row in rows]
+    print()
+    tables.print_table(tables.console(), title, cells, header=header)
 
 
 def machine() -> str:

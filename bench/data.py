@@ -25,15 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 
+from common import print_table  # noqa: E402
 from trainer.data import MicroBatches, resolve_shards, streaming  # noqa: E402
+from trainer.dtypes import short_name  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
-from trainer.model import ModelShapes  # noqa: E402
-from trainer.shard_format import encode_sample, shard_samples  # noqa: E402
+from trainer.shard_format import SampleShapes, encode_sample, shard_samples  # noqa: E402
 from trainer.shard_index import build_index  # noqa: E402
 
 BUFFER = 8 << 20
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 def bench(args: argparse.Namespace, shards: list[str], kind: str) -> int:
     first = next(shard_samples(shards[0]))
     lat, prompt = first.latents, first.prompt_embeds
-    shapes = ModelShapes(lat.shape[0], prompt.shape[0], prompt.shape[1], patch_size=2, source="bench")
+    shapes = SampleShapes(lat.shape[0], prompt.shape[0], prompt.shape[1], patch_size=2, source="bench",
+                          channels_key="channels", text_keys="text length, width")
     index = build_index(shards, shapes, rank=0, world_size=1, gather=lambda parts: [parts])
     for fault in index.faults:
         print(f"left out: {fault}")
@@ -121,18 +123,17 @@ def bench(args: argparse.Namespace, shards: list[str], kind: str) -> int:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"machine: {threads} CPU threads, {gpu}; torch {torch.__version__}")
-    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    print(f"{n} {kind}samples in {len(shards)} shard(s): latents {list(lat.shape)} {dtype.get(lat.dtype, lat.dtype)}"
-          f" + prompt_embeds {list(prompt.shape)} {dtype.get(prompt.dtype, prompt.dtype)} = {sample_mb:.2f} MB"
+    print(f"{n} {kind}samples in {len(shards)} shard(s): latents {list(lat.shape)} {short_name(lat.dtype)}"
+          f" + prompt_embeds {list(prompt.shape)} {short_name(prompt.dtype)} = {sample_mb:.2f} MB"
           f" per sample; micro-batch {args.micro_batch}")
     print("both sides read from the page cache: this measures the loader's CPU cost, not the disk")
     if invalid:
         print(f"warning: {invalid} sample(s) could not be read (zeros stood in)")
-    print(f"{'':20} {'samples/s':>10} {'MB/s':>10}")
     raw_mbs, loader_mbs = raw_bytes / 1e6 / raw_s, payload / 1e6 / loader_s
-    print(f"{'raw read':20} {args.epochs * n / raw_s:10.1f} {raw_mbs:10.1f}")
     label = f"loader ({args.workers} thread{'s' if args.workers != 1 else ''})"
-    print(f"{label:20} {batches * args.micro_batch / loader_s:10.1f} {loader_mbs:10.1f}")
+    print_table("loader against a raw read", ["", "samples/s", "MB/s"],
+                [["raw read", args.epochs * n / raw_s, raw_mbs],
+                 [label, batches * args.micro_batch / loader_s, loader_mbs]])
     print(f"loader/raw = {loader_mbs / raw_mbs:.2f}")
     return 0
 

@@ -6,7 +6,7 @@ checkpointing on and off: seconds per optimizer step, TFLOP/s, MFU and peak memo
     python bench/gpu.py --tiny                   # the same path at tiny width and depth (what a CPU runs)
     python bench/gpu.py --peak-tflops 989        # MFU against this peak (default: by GPU name)
 
-Each configuration runs in its own process: the trainer's VideoTransformer with its LoRA, in a DeepSpeed
+Each configuration runs in its own process: the model family's VideoModel with its LoRA, in a DeepSpeed
 ZeRO-2 engine built from the trainer's config, one rank, micro-batch 1, random latents and text in memory.
 TFLOP/s counts the planner's model FLOPs (forward and backward, no recomputation), as the trainer logs it.
 """
@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -31,7 +32,7 @@ COMMON = dict(activation_fn="gelu-approximate", attention_bias=True, attention_h
               sample_width=90, spatial_interpolation_scale=1.875, temporal_compression_ratio=4,
               temporal_interpolation_scale=1.0, text_embed_dim=4096, time_embed_dim=512, timestep_activation_fn="silu",
               use_learned_positional_embeddings=False)
-SHAPES = {  # THUDM/CogVideoX-2b and -5b transformer/config.json
+SHAPES: dict[str, dict[str, Any]] = {  # THUDM/CogVideoX-2b and -5b transformer/config.json
     "2b": dict(COMMON, num_attention_heads=30, num_layers=30, use_rotary_positional_embeddings=False),
     "5b": dict(COMMON, num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True),
 }
@@ -55,20 +56,20 @@ def one(shape: str, checkpointing: bool, tiny: bool, steps: int, peak_tflops: fl
     from datetime import timedelta
 
     import torch
-    from diffusers import CogVideoXTransformer3DModel
 
     from trainer.costs import CostModel, ZeroSettings, device_peak_tflops
     from trainer.engine import assemble_config, build_engine, init_distributed
-    from trainer.model import VideoTransformer
+    from trainer.families.base import attach_lora
+    from trainer.families.cogvideox import CogVideoX
 
     init_distributed(timedelta(seconds=300))
     run_spec = spec(checkpointing)
     config = dict(SHAPES[shape], **TINY) if tiny else SHAPES[shape]
     latents = TINY_LATENTS if tiny else LATENTS
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    with torch.device(device):
-        transformer = CogVideoXTransformer3DModel.from_config(config).to(torch.bfloat16)
-    model = VideoTransformer.from_transformer(transformer, run_spec.lora, checkpointing, seed=0)
+    family = CogVideoX.from_config(config)
+    transformer = family.transformer_from_config(device).to(torch.bfloat16)
+    model = family.wrap(attach_lora(transformer, run_spec.lora, checkpointing, seed=0))
     engine = build_engine(run_spec, model, assemble_config(run_spec, 1))
     x = torch.randn(1, *latents, device=device, dtype=torch.bfloat16)
     text = torch.randn(1, config["max_text_seq_length"], config["text_embed_dim"], device=device, dtype=torch.bfloat16)
@@ -83,7 +84,7 @@ def one(shape: str, checkpointing: bool, tiny: bool, steps: int, peak_tflops: fl
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     seconds = sum(times[2:]) / steps
-    costs = CostModel(config, run_spec.lora)
+    costs = CostModel(family, run_spec.lora)
     flops = costs.flops(latents)
     peak = peak_tflops or device_peak_tflops(device)
     estimate = costs.memory(latents, 1, ZeroSettings.from_config(assemble_config(run_spec, 1), 1), 2, checkpointing)
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(one(shape, checkpointing == "on", tiny, args.steps, args.peak_tflops)))
         return 0
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    rows = []
+    rows: list[list] = []
     for shape in args.shape or sorted(SHAPES):
         for checkpointing in ("off", "on"):
             env["MASTER_PORT"] = str(29500 + (os.getpid() + len(rows)) % 1000)

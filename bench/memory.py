@@ -61,7 +61,7 @@ def worker(rank: int, world_size: int, port: int, spec_path: str, steps: int, ou
 
     from trainer.costs import ZeroSettings
     from trainer.data import MicroBatches, streaming
-    from trainer.engine import COMPUTE_DTYPES
+    from trainer.dtypes import PRECISIONS
     from trainer.loop import train_step
     from trainer.spec import load_spec
     from trainer.startup import build, preflight
@@ -80,7 +80,7 @@ def worker(rank: int, world_size: int, port: int, spec_path: str, steps: int, ou
     peak = torch.cuda.max_memory_allocated() if cuda else live_peak(prof)
     shape = index.samples[0].shape
     estimate = run.costs.memory(shape, spec.data.micro_batch_size, ZeroSettings.from_config(plan.ds_config, world_size),
-                                COMPUTE_DTYPES[spec.train.precision].itemsize, spec.model.gradient_checkpointing)
+                                PRECISIONS[spec.train.precision].itemsize, spec.model.gradient_checkpointing)
     Path(out, f"rank{rank}.json").write_text(json.dumps({
         "frozen": frozen_bytes(run.model), "peak": peak, "estimate": estimate.total, "parts": estimate.parts,
         "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
@@ -97,7 +97,8 @@ def measure(work: Path, size: str, world_size: int, stage: int, steps: int) -> d
     out.mkdir(exist_ok=True)
     mp.spawn(worker, args=(world_size, free_port(), str(spec), steps, str(out)), nprocs=world_size)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
-    return {key: max(r[key] for r in ranks) for key in ("frozen", "peak", "estimate", "rss")} | {"parts": ranks[0]["parts"]}
+    largest = {key: max(r[key] for r in ranks) for key in ("frozen", "peak", "estimate", "rss")}
+    return largest | {"parts": ranks[0]["parts"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,11 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from data_tools import packing  # noqa: E402
-from data_tools.encode import Encoder  # noqa: E402
 from data_tools.inputs import read_inputs  # noqa: E402
 from data_tools.synth_videos import write_synthetic_videos  # noqa: E402
 from data_tools.tiny_model import write_tiny_model  # noqa: E402
 from data_tools.video import Bucket, decode_clip  # noqa: E402
+from trainer.dtypes import encoding_dtype  # noqa: E402
+from trainer.families import load_family  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -39,7 +40,7 @@ def sync(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="CogVideoX model directory (default: a tiny random-weight one)")
+    p.add_argument("--model", type=Path, help="model directory (default: a tiny random-weight CogVideoX)")
     p.add_argument("--clips", type=int, default=8)
     p.add_argument("--frames", type=int, default=9)
     p.add_argument("--height", type=int, default=96)
@@ -60,21 +61,24 @@ def bench(args: argparse.Namespace, work: Path) -> int:
     src_frames = (args.frames - 1) + args.fps // 2 + 1  # a little longer than the clip needs
     write_synthetic_videos(work / "videos", args.clips, src_frames, args.src_height, args.src_width, args.fps)
     _, entries = read_inputs(work / "videos")
+    videos = [e.video for e in entries if e.video is not None]
+    captions = [e.caption for e in entries if e.caption is not None]
+    assert len(videos) == len(captions) == len(entries), "every synthetic video has its caption"
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = encoding_dtype(device)
 
     start = time.perf_counter()
-    encoder = Encoder(model, device, dtype, vae_tiling=True)
+    encoder = load_family(str(model)).encoders(device, dtype, vae_tiling=True)
     load_s = time.perf_counter() - start
     bucket = Bucket(args.frames, args.height, args.width)
-    clips = [decode_clip(e.video, [bucket], float(args.fps)) for e in entries]
-    encoder.video(clips[0].frames, 0, 0), encoder.text(entries[0].caption)  # warm-up: kernels, allocator
+    clips = [decode_clip(video, [bucket], float(args.fps)) for video in videos]
+    encoder.video(clips[0].frames, 0, 0), encoder.text(captions[0])  # warm-up: kernels, allocator
     sync(device)
 
     start = time.perf_counter()
-    for entry, clip in zip(entries, clips):
+    for entry, clip, caption in zip(entries, clips, captions, strict=True):
         encoder.video(clip.frames, 0, entry.index).cpu()
-        encoder.text(entry.caption).cpu()
+        encoder.text(caption).cpu()
     sync(device)
     bare_s = time.perf_counter() - start
 
@@ -89,13 +93,14 @@ def bench(args: argparse.Namespace, work: Path) -> int:
     assert len(record["samples"]) == len(entries), record["rejected"]
 
     start = time.perf_counter()
-    for entry in entries:
-        decode_clip(entry.video, [bucket], float(args.fps))
+    for video in videos:
+        decode_clip(video, [bucket], float(args.fps))
     decode_s = time.perf_counter() - start
 
     n = len(entries)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"model {args.model or 'tiny 5B-style (random weights)'} on {device.type} ({name}), {dtype}; {n} clips of {bucket} from {args.src_height}x"
+    print(f"model {args.model or 'tiny 5B-style (random weights)'} on {device.type} ({name}), {dtype}; {n} clips of "
+          f"{bucket} from {args.src_height}x"
           f"{args.src_width} sources at {args.fps} fps; model load {load_s:.1f} s")
     print(f"pack    {pack_s:8.2f} s  {n / pack_s:7.2f} clips/s   (decode + encode + tar + fsync)")
     print(f"bare    {bare_s:8.2f} s  {n / bare_s:7.2f} clips/s   (VAE + T5 only, clips in memory)")

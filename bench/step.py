@@ -42,9 +42,9 @@ def bare(spec_path: str, steps: int) -> list[float]:
     import torch.nn.functional as F
 
     from trainer.data import MicroBatches
-    from trainer.distributed import share_cpu_threads
-    from trainer.engine import COMPUTE_DTYPES, build_engine, init_distributed
-    from trainer.model import VideoTransformer
+    from trainer.dtypes import PRECISIONS
+    from trainer.engine import build_engine, init_distributed
+    from trainer.process_env import share_cpu_threads
     from trainer.shard_index import build_index
     from trainer.spec import load_spec
     from trainer.startup import preflight
@@ -54,8 +54,8 @@ def bare(spec_path: str, steps: int) -> list[float]:
     init_distributed(timedelta(seconds=300))
     if not torch.cuda.is_available():
         share_cpu_threads()  # as the trainer does
-    dtype = COMPUTE_DTYPES[spec.train.precision]
-    model = VideoTransformer.from_pretrained(plan.model_dir, spec.lora, dtype, spec.model.gradient_checkpointing, 0)
+    dtype = PRECISIONS[spec.train.precision]
+    model = plan.family.load(spec.lora, dtype, spec.model.gradient_checkpointing, 0)
     engine = build_engine(spec, model, plan.ds_config)
     device, objective = engine.device, plan.objective.to(engine.device)
     index = build_index(plan.shards, plan.shapes, 0, 1, gather=lambda value: [value])
@@ -64,7 +64,7 @@ def bare(spec_path: str, steps: int) -> list[float]:
     batches = []
     for k in range(min(8, data.per_epoch)):
         batch = data[k]
-        x0 = model.pad_frames(batch.latents.to(device).float())
+        x0 = model.prepare_latents(batch.latents.to(device).float())
         noise, t = torch.randn_like(x0), torch.randint(0, 1000, (x0.shape[0],), device=device)
         batches.append((objective.add_noise(x0, noise, t).to(dtype), batch.prompt_embeds.to(device, dtype), t,
                         objective.velocity(x0, noise, t)))

@@ -59,7 +59,8 @@ def read_cogvideo(root: Path) -> list[Entry]:
     if len(prompts) != len(videos):
         raise InputError(f"{root}: prompts.txt has {len(prompts)} lines but videos.txt has {len(videos)}; "
                          f"line N of one must caption line N of the other")
-    return [_entry(i, root, v.strip(), p, f"videos.txt line {i + 1}") for i, (v, p) in enumerate(zip(videos, prompts))]
+    return [_entry(i, root, v.strip(), p, f"videos.txt line {i + 1}")
+            for i, (v, p) in enumerate(zip(videos, prompts, strict=True))]
 
 
 def read_manifest(path: Path, video_column: str, caption_column: str) -> list[Entry]:

@@ -25,16 +25,16 @@ import torch
 import webdataset as wds
 from safetensors.torch import save as st_save
 
-from data_tools.encode import Encoder, read_config
 from data_tools.inputs import Entry
 from data_tools.video import Bucket, Clip, VideoError, decode_clip
+from trainer.dtypes import PRECISIONS, torch_name
 from trainer.errors import UserError
+from trainer.families.base import Encoders
 from trainer.files import atomic_write
 from trainer.shard_format import encode_sample
 
 FORMAT = "cogvideox-lora-trainer shards v1"
 EMPTY_PROMPT = "empty_prompt.safetensors"
-STORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def write_empty_prompt(out: Path, encoder: Encoder, dtype: torch.dtype, tag: str) -> None:
+def write_empty_prompt(out: Path, encoder: Encoders, dtype: torch.dtype, tag: str) -> None:
     """The embedding of "" that caption dropout trains on, once per dataset."""
     path = out / EMPTY_PROMPT
     if not path.exists():
@@ -103,7 +103,7 @@ def write_empty_prompt(out: Path, encoder: Encoder, dtype: torch.dtype, tag: str
 
 
 def _decode(entry: Entry, buckets: list[Bucket], fps: float | None) -> Clip | VideoError | None:
-    if entry.reason:
+    if entry.reason or entry.video is None:
         return None
     try:
         return decode_clip(entry.video, buckets, fps)
@@ -130,9 +130,10 @@ def _rejection(entry: Entry, reason: str, detail: str) -> dict:
     return {"index": entry.index, "source": entry.source, "reason": reason, "detail": detail}
 
 
-def _encode(entry: Entry, clip: Clip, encoder: Encoder, options: PackOptions) -> tuple[dict, dict]:
+def _encode(entry: Entry, clip: Clip, encoder: Encoders, options: PackOptions) -> tuple[dict, dict]:
     """(tar members, the record's line) of one sample; VideoError when the encoders cannot give finite tensors."""
-    store = STORE_DTYPES[options.dtype]
+    store = PRECISIONS[options.dtype]
+    assert entry.caption is not None, "an entry without a caption is rejected before decoding"
     try:
         latents = encoder.video(clip.frames, options.seed, entry.index).to(store).cpu()
         embeds = encoder.text(entry.caption).to(store).cpu()
@@ -151,7 +152,7 @@ def _encode(entry: Entry, clip: Clip, encoder: Encoder, options: PackOptions) ->
                                                        "prompt_embeds": list(embeds.shape)}
 
 
-def pack_chunk(chunk: int, entries: list[Entry], encoder: Encoder, options: PackOptions, out: Path, tag: str,
+def pack_chunk(chunk: int, entries: list[Entry], encoder: Encoders, options: PackOptions, out: Path, tag: str,
                decode_workers: int, on_entry: Callable[[], None]) -> dict:
     """Pack one chunk into its shard and write its record; returns the record."""
     samples, rejected = [], []
@@ -161,9 +162,13 @@ def pack_chunk(chunk: int, entries: list[Entry], encoder: Encoder, options: Pack
         with contextlib.closing(wds.TarWriter(f, encoder=False, mtime=0.0)) as sink:
             for entry, clip in decoded(entries, options.bucket_list(), options.fps, decode_workers):
                 on_entry()
-                if entry.reason or isinstance(clip, VideoError):
-                    rejected.append(_rejection(entry, entry.reason or clip.reason, entry.detail or clip.detail))
+                if entry.reason:
+                    rejected.append(_rejection(entry, entry.reason, entry.detail or ""))
                     continue
+                if isinstance(clip, VideoError):
+                    rejected.append(_rejection(entry, clip.reason, clip.detail))
+                    continue
+                assert clip is not None, "only a rejected entry has no clip"
                 try:
                     members, line = _encode(entry, clip, encoder, options)
                 except VideoError as exc:
@@ -193,7 +198,8 @@ def finished(out: Path, chunk: int) -> bool:
         read_record(out, chunk)["shard"] is None or (out / shard_name(chunk)).exists())
 
 
-def finalize(out: Path, num_chunks: int, identity: dict, model_dir: Path, tag: str) -> dict | None:
+def finalize(out: Path, num_chunks: int, identity: dict, model_dir: Path, encoder_configs: dict[str, dict],
+             tag: str) -> dict | None:
     """manifest.json and rejected.jsonl once every chunk is finished (None while some are not)."""
     if not all(finished(out, j) for j in range(num_chunks)):
         return None
@@ -215,7 +221,7 @@ def finalize(out: Path, num_chunks: int, identity: dict, model_dir: Path, tag: s
         "samples": sum(b["samples"] for b in buckets.values()),
         "buckets": dict(sorted(buckets.items())),
         "prompt_embeds": list(next(iter(embeds))) if len(embeds) == 1 else sorted(map(list, embeds)),
-        "dtype": str(STORE_DTYPES[identity["options"]["dtype"]]).removeprefix("torch."),
+        "dtype": torch_name(PRECISIONS[identity["options"]["dtype"]]),
         "shards": [{"file": rec["shard"], "samples": len(rec["samples"])} for rec in records if rec["shard"]],
         "empty_prompt": EMPTY_PROMPT,
         "inputs": sum(rec["entries"] for rec in records),
@@ -223,16 +229,15 @@ def finalize(out: Path, num_chunks: int, identity: dict, model_dir: Path, tag: s
         "rejected_total": len(rejected),
         "input": identity["input"],
         "options": identity["options"],
-        "model": {"path": str(model_dir), "vae": read_config(model_dir, "vae"),
-                  "text_encoder": read_config(model_dir, "text_encoder")},
+        "model": {"path": str(model_dir), **encoder_configs},
     }
     atomic_write(out / "manifest.json", dump_json(manifest), tag)
     return manifest
 
 
 def identity_of(options: PackOptions, layout: str, input_path: Path, fingerprint: str, entries: int,
-                model_dir: Path, compute: str) -> dict:
-    vae, text = read_config(model_dir, "vae"), read_config(model_dir, "text_encoder")
+                encoder_configs: dict[str, dict], compute: str) -> dict:
+    vae, text = encoder_configs["vae"], encoder_configs["text_encoder"]
     return json.loads(json.dumps({"format": FORMAT, "options": asdict(options), "compute": compute,
             "input": {"path": str(input_path), "layout": layout, "entries": entries, "fingerprint": fingerprint},
             "model": {"vae_scaling_factor": vae.get("scaling_factor"), "latent_channels": vae["latent_channels"],

@@ -13,34 +13,32 @@ inputs are listed with their reason in SHARDS_DIR/rejected.jsonl and the rest is
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __name__ == "__main__":  # put the repo first on sys.path instead of data_tools/, whose inspect.py would
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadow the standard library's inspect module
-
 import argparse
 import os
 import socket
+import sys
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
-from data_tools import packing  # noqa: E402
-from data_tools.encode import Encoder, default_device, encoding_dtype, latent_geometry  # noqa: E402
-from data_tools.inputs import InputError, fingerprint, read_inputs  # noqa: E402
-from data_tools.progress import Progress  # noqa: E402
-from data_tools.video import Bucket, parse_buckets  # noqa: E402
-from trainer.distributed import share_cpu_threads, srun_task  # noqa: E402
-from trainer.errors import EXIT_USER_ERROR, UserError  # noqa: E402
-from trainer.model import read_transformer_config  # noqa: E402
+from data_tools import packing
+from data_tools.inputs import InputError, fingerprint, read_inputs
+from data_tools.progress import Progress
+from data_tools.video import Bucket, parse_buckets
+from trainer.dtypes import PRECISIONS, encoding_dtype, torch_name
+from trainer.errors import EXIT_USER_ERROR, UserError
+from trainer.families import load_family
+from trainer.families.base import ModelFamily
+from trainer.process_env import default_device, share_cpu_threads, srun_task
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", type=Path, required=True, help="dataset directory, or a .csv/.jsonl manifest")
-    p.add_argument("--model", type=Path, required=True, help="CogVideoX model directory (its vae/ and text_encoder/)")
+    p.add_argument("--model", required=True, help="model directory or hub id (its VAE and text encoder pack)")
     p.add_argument("--out", type=Path, required=True, help="directory for the shards and manifest.json")
     p.add_argument("--frames", type=int, default=49, help="frames per clip, 4k+1 (default 49)")
     p.add_argument("--height", type=int, default=480)
@@ -52,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--evenly", action="store_true", help="spread the frames evenly over each whole clip instead")
     p.add_argument("--shard-size", type=int, default=64, help="videos per shard (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seeds each sample's VAE posterior draw")
-    p.add_argument("--dtype", choices=sorted(packing.STORE_DTYPES), default="bf16", help="stored tensor dtype")
+    p.add_argument("--dtype", choices=sorted(PRECISIONS), default="bf16", help="stored tensor dtype")
     p.add_argument("--no-vae-tiling", dest="vae_tiling", action="store_false",
                    help="encode whole frames at once (more memory; tiling only applies above the VAE's tile size)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -92,18 +90,21 @@ def rank_and_world(args: argparse.Namespace) -> tuple[int, int, int]:
     return rank, world, local
 
 
-def check_model(model_dir: Path, buckets: list[Bucket]) -> None:
-    for part in ("vae", "text_encoder", "tokenizer", "transformer"):
-        if not (model_dir / part).is_dir():
-            raise UserError(f"--model {model_dir}: not a CogVideoX model directory (no {part}/)")
-    _, temporal, spatial = latent_geometry(model_dir)
-    multiple = spatial * read_transformer_config(model_dir).get("patch_size", 2)
+def check_model(model: str, buckets: list[Bucket]) -> ModelFamily:
+    """The model's family, once it is known to have the encoders and to take every bucket."""
+    try:
+        family = load_family(model, sampling=True, weights=False)  # a hub id fetches the encoders, not the weights
+    except UserError as exc:
+        raise UserError(str(exc).replace("model.path:", "--model:", 1)) from None
+    family.check_encoders("--model", "packing")
     for b in buckets:
-        if (b.frames - 1) % temporal:
-            raise UserError(f"bucket {b}: {b.frames} frames; this VAE needs {temporal}k+1 (e.g. 49)")
-        if b.height % multiple or b.width % multiple:
-            raise UserError(f"bucket {b}: height and width must be multiples of {multiple} "
-                            f"(VAE downsampling x transformer patch size)")
+        family.latent_shape(b.frames, b.height, b.width, bucket_option(b))
+    return family
+
+
+def bucket_option(bucket: Bucket) -> Callable[[str], str]:
+    """What a message calls a bucket's frame count ("bucket 49x480x720") and sides ("bucket 49x480x720 width")."""
+    return lambda name: f"bucket {bucket}" + ("" if name == "num_frames" else f" {name}")
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
@@ -118,7 +119,8 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
 
 def pack(args: argparse.Namespace) -> int:
     rank, world, local_rank = rank_and_world(args)
-    check_model(args.model, args.bucket_list)
+    family = check_model(args.model, args.bucket_list)
+    model_dir = family.model_dir.resolve()
     layout, entries = read_inputs(args.input, args.video_column, args.caption_column)
     options = packing.PackOptions(buckets=tuple(map(str, args.bucket_list)), fps=None if args.evenly else args.fps,
                                   shard_size=args.shard_size, seed=args.seed, dtype=args.dtype,
@@ -127,7 +129,7 @@ def pack(args: argparse.Namespace) -> int:
     dtype = encoding_dtype(device)
     # the compute device and dtype change the latents' bits: a rerun must not mix CPU and GPU samples
     identity = packing.identity_of(options, layout, args.input.resolve(), fingerprint(entries), len(entries),
-                                   args.model.resolve(), f"{device.type}/{str(dtype).removeprefix('torch.')}")
+                                   family.encoder_configs(), f"{device.type}/{torch_name(dtype)}")
     out, tag = args.out, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     packing.claim(out, identity, tag)
     (out / "progress").mkdir(exist_ok=True)
@@ -138,8 +140,8 @@ def pack(args: argparse.Namespace) -> int:
     say(f"{args.input} ({layout}): {len(entries)} inputs in {len(all_chunks)} shards; this rank packs "
         f"{len(mine)}, of which {len(mine) - len(todo)} are already finished")
     if todo or not (out / packing.EMPTY_PROMPT).exists():
-        encoder = Encoder(args.model, device, dtype, args.vae_tiling)
-        packing.write_empty_prompt(out, encoder, packing.STORE_DTYPES[args.dtype], tag)
+        encoder = family.encoders(device, dtype, args.vae_tiling)
+        packing.write_empty_prompt(out, encoder, PRECISIONS[args.dtype], tag)
         start, total = time.perf_counter(), sum(len(all_chunks[j]) for j in todo)
         with Progress(total, enabled=rank == 0, say=say) as progress:
             for j in todo:
@@ -148,7 +150,7 @@ def pack(args: argparse.Namespace) -> int:
                 progress.note(f"{rec['shard'] or f'chunk {j} (no shard)'}: {len(rec['samples'])} samples, "
                               f"{len(rec['rejected'])} rejected")
         say(f"packed {total} inputs in {time.perf_counter() - start:.1f} s")
-    manifest = packing.finalize(out, len(all_chunks), identity, args.model.resolve(), tag)
+    manifest = packing.finalize(out, len(all_chunks), identity, model_dir, family.encoder_configs(), tag)
     if manifest is None:
         # exit 0 even under --strict: torchrun would stop the ranks still packing. The last rank decides.
         say("done; other ranks are still packing, and the last one to finish writes manifest.json (if every "

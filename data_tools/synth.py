@@ -11,19 +11,15 @@ packed by data_tools/shard.py.
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # put the repo first on sys.path instead of data_tools/, whose inspect.py would
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadow the standard library's inspect module
-
-import argparse
-import math
-
 import torch
 
-from data_tools.encode import PromptEncoder, latent_geometry  # noqa: E402
-from trainer.shard_format import encode_sample  # noqa: E402
+from trainer.families import load_family
+from trainer.shard_format import encode_sample
 
 COLOURS = ["red", "green", "blue", "yellow", "white", "orange", "purple", "cyan"]
 SHAPES = ["ball", "square", "triangle", "ring"]
@@ -34,17 +30,11 @@ def caption(i: int) -> str:
     return f"a {COLOURS[i % len(COLOURS)]} {SHAPES[i // len(COLOURS) % len(SHAPES)]} moving {MOTIONS[i % len(MOTIONS)]}"
 
 
-def latent_shape(model_dir: Path, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    channels, temporal, spatial = latent_geometry(model_dir)
-    if (frames - 1) % temporal or height % spatial or width % spatial:
-        raise SystemExit(f"frames must be {temporal}k+1 and height/width multiples of {spatial}")
-    return channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
-
-
 def pattern(i: int, shape: tuple[int, int, int, int]) -> torch.Tensor:
     """A smooth wave travelling along its caption's direction, with per-channel phase; unit-ish variance."""
     c, f, h, w = shape
-    t, y, x = torch.meshgrid(torch.arange(f, dtype=torch.float32), torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    t, y, x = torch.meshgrid(torch.arange(f, dtype=torch.float32), torch.linspace(0, 1, h), torch.linspace(0, 1, w),
+                             indexing="ij")
     dx, dy = [(-1, 0), (1, 0), (0, -1), (0, 1)][i % 4]
     freq = 1 + i % 3
     channels = [torch.sin(2 * math.pi * (freq * (x + y) + 0.25 * (dx * t / f + dy * t / f) * 4 + k / c + i / 7))
@@ -56,9 +46,10 @@ def write_synthetic_shards(model_dir: Path, out: Path, samples: int, samples_per
                            height: int = 96, width: int = 128, seed: int = 0) -> list[Path]:
     import webdataset as wds
 
-    shape = latent_shape(model_dir, frames, height, width)
+    family = load_family(str(model_dir))
+    shape = family.latent_shape(frames, height, width, lambda name: f"--{name.replace('num_', '')}")
     captions = [caption(seed + i) for i in range(samples)]
-    encode = PromptEncoder(model_dir, torch.device("cpu"), torch.float32)
+    encode = family.prompt_encoder(torch.device("cpu"), torch.float32)
     embeds = [encode(text) for text in captions]
     out.mkdir(parents=True, exist_ok=True)
     with wds.ShardWriter(str(out / "train-%06d.tar"), maxcount=samples_per_shard, encoder=False, verbose=0) as sink:

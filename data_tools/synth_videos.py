@@ -9,18 +9,14 @@ in the CogVideo finetune layout that data_tools/shard.py reads:
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # put the repo first on sys.path instead of data_tools/, whose inspect.py would
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadow the standard library's inspect module
-
-import argparse
-
 import numpy as np
 
-from data_tools.synth import COLOURS, MOTIONS, SHAPES, caption  # noqa: E402
-from trainer.media import write_mp4  # noqa: E402
+from data_tools.synth import COLOURS, MOTIONS, SHAPES, caption
+from trainer.media import write_mp4
 
 RGB = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (240, 220, 40),
        "white": (245, 245, 245), "orange": (250, 140, 20), "purple": (150, 50, 200), "cyan": (40, 220, 220)}
@@ -40,7 +36,8 @@ def _mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: f
 
 def frames_for(i: int, frames: int, height: int, width: int) -> np.ndarray:
     """[frames, height, width, 3] uint8: sample i's shape crossing the frame in its caption's direction."""
-    colour, shape, motion = COLOURS[i % len(COLOURS)], SHAPES[i // len(COLOURS) % len(SHAPES)], MOTIONS[i % len(MOTIONS)]
+    colour, motion = COLOURS[i % len(COLOURS)], MOTIONS[i % len(MOTIONS)]
+    shape = SHAPES[i // len(COLOURS) % len(SHAPES)]
     assert caption(i) == f"a {colour} {shape} moving {motion}"
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     background = (30 + 40 * yy / height)[..., None].repeat(3, axis=2)  # a soft vertical gradient

@@ -13,14 +13,11 @@ compression, patch size 2, 226 text tokens); only widths and depths are small.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __name__ == "__main__":  # put the repo first on sys.path instead of data_tools/, whose inspect.py would
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadow the standard library's inspect module
-
 import argparse
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,7 +40,7 @@ TEXT_LEN = 226  # what CogVideoXPipeline encodes prompts to
 def _tokenizer():
     """A character-level Unigram T5 tokenizer built offline (no sentencepiece file, no hub)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import T5TokenizerFast
+    from transformers import T5TokenizerFast  # type: ignore[attr-defined]  # (a lazy module to mypy)
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     pieces += [(ch, -1.0 - i / 100) for i, ch in enumerate("▁abcdefghijklmnopqrstuvwxyz0123456789,.-'")]
@@ -55,8 +52,8 @@ def _tokenizer():
     return tokenizer, len(pieces)
 
 
-def write_tiny_model(out: Path, flavour: str = "5b", seed: int = 0, **transformer) -> Path:
-    """``transformer``: CogVideoXTransformer3DModel arguments to change (the benchmarks' wider, deeper models)."""
+def write_tiny_model(out: Path, flavour: str = "5b", seed: int = 0, **sizes: Any) -> Path:
+    """``sizes``: CogVideoXTransformer3DModel arguments to change (the benchmarks' wider, deeper models)."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
     from diffusers.utils import logging as diffusers_logging
     from transformers import T5Config, T5EncoderModel
@@ -66,10 +63,11 @@ def write_tiny_model(out: Path, flavour: str = "5b", seed: int = 0, **transforme
     tokenizer, vocab_size = _tokenizer()
     text_encoder = T5EncoderModel(T5Config(
         vocab_size=vocab_size, d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    transformer = CogVideoXTransformer3DModel(**{
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0))  # type: ignore[call-arg]  # T5Config takes what PretrainedConfig does
+    transformer: Any = CogVideoXTransformer3DModel(**{
         "num_attention_heads": 2, "attention_head_dim": 16,  # RoPE splits the head dim t:h:w: a multiple of 16
-        "num_layers": 2, **transformer},
+        "num_layers": 2, **sizes},
         in_channels=4, out_channels=4, time_embed_dim=32, text_embed_dim=TEXT_DIM,
         sample_frames=9, sample_height=12, sample_width=16,  # latent grid of 9x96x128 video
         patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT_LEN,
@@ -89,7 +87,7 @@ def write_tiny_model(out: Path, flavour: str = "5b", seed: int = 0, **transforme
         steps_offset=0, timestep_spacing="trailing", snr_shift_scale=kind.snr_shift_scale)
     pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                              scheduler=scheduler)
-    pipe.save_pretrained(out)
+    pipe.save_pretrained(out)  # type: ignore[attr-defined]  # DiffusionPipeline's, hidden from mypy
     return out
 
 

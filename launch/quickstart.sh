@@ -24,7 +24,7 @@ rm -rf "$OUT"  # the quickstart owns this folder: start clean every time
 "$PY" data_tools/synth_videos.py --out "$OUT/videos" --count 8  # 12 frames, 120x160, 8 fps
 "$PY" data_tools/shard.py --input "$OUT/videos" --model "$OUT/model" --out "$OUT/shards" \
   --frames 9 --height 96 --width 128 --shard-size 1
-"$PY" data_tools/inspect.py "$OUT/shards"
+"$PY" data_tools/inspect_shards.py "$OUT/shards"
 "$PY" data_tools/synth_videos.py --out "$OUT/heldout_videos" --count 2 --first 8  # two videos training never sees
 "$PY" data_tools/shard.py --input "$OUT/heldout_videos" --model "$OUT/model" --out "$OUT/heldout" \
   --frames 9 --height 96 --width 128 --shard-size 2
@@ -42,7 +42,7 @@ quickstart finished ($RANKS ranks):
   validation videos $OUT/run/samples/step_*/  (an mp4 per prompt, and the LoRA that made them)
   LoRA              $OUT/run/lora/pytorch_lora_weights.safetensors
   sample again      $PY launch/sample.py --spec $OUT/run/spec.yaml --lora $OUT/run/lora --out $OUT/videos_out
-  export a step     $PY -m trainer.export --checkpoint $OUT/run/checkpoints/step_00000050
+  export a step     $PY launch/export.py --checkpoint $OUT/run/checkpoints/step_00000050
   TensorBoard       $VENV/bin/tensorboard --logdir $OUT/run/tensorboard
   use it            pipe = CogVideoXPipeline.from_pretrained("$OUT/model"); pipe.load_lora_weights("$OUT/run/lora")
 DONE

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate videos from a CogVideoX model directory plus an exported LoRA, as validation does during training.
+"""Generate videos from a model directory plus an exported LoRA, as validation does during training.
 
     python launch/sample.py --spec runs/NAME/spec.yaml --lora runs/NAME/samples/step_000500/lora --out videos/
     python launch/sample.py --model THUDM/CogVideoX-5b --lora runs/NAME/lora --prompt "a cat ..." --out videos/
@@ -14,10 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
+from trainer.dtypes import PRECISIONS  # noqa: E402
 from trainer.errors import EXIT_USER_ERROR, UserError  # noqa: E402
+
+if TYPE_CHECKING:
+    from trainer.families.base import ModelFamily, SampleSettings
+    from trainer.spec import ValidationSection
 
 SETTINGS = ("num_frames", "height", "width", "num_inference_steps", "guidance_scale", "seed", "fps")
 
@@ -25,12 +31,12 @@ SETTINGS = ("num_frames", "height", "width", "num_inference_steps", "guidance_sc
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", type=Path, help="a run spec: model, precision and its validation settings")
-    parser.add_argument("--model", help="CogVideoX model directory or hub id (default: the spec's model.path)")
+    parser.add_argument("--model", help="model directory or hub id (default: the spec's model.path)")
     parser.add_argument("--lora", type=Path, help="exported LoRA directory or .safetensors file (none: base model)")
     parser.add_argument("--prompt", action="append", dest="prompts", help="repeatable (default: the spec's)")
     parser.add_argument("--negative-prompt")
     parser.add_argument("--out", type=Path, required=True, help="directory for the mp4 files")
-    parser.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="default: the spec's, else bf16")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), help="default: the spec's, else bf16")
     parser.add_argument("--dynamic-cfg", action=argparse.BooleanOptionalAction, default=None)
     for name in SETTINGS:
         kind = float if name == "guidance_scale" else int
@@ -38,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve(args: argparse.Namespace):
+def resolve(args: argparse.Namespace) -> tuple[str, ValidationSection, str]:
     """The spec's validation section with the command line's choices on top, checked like a spec."""
     from pydantic import ValidationError
 
@@ -70,45 +76,43 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         model, section, precision = resolve(args)
-        from trainer.model import resolve_model_dir
-        from trainer.sampling import SampleSettings, check_settings
+        from trainer.families import load_family
+        from trainer.families.base import SampleSettings
 
         try:
-            model_dir = resolve_model_dir(model, sampling=True)
+            family = load_family(model, sampling=True)
         except UserError as exc:
-            raise UserError(str(exc).replace("model.path:", "--model:" if args.model else "--spec's model.path:", 1))
+            raise UserError(str(exc).replace("model.path:", "--model:" if args.model else "--spec's model.path:",
+                                             1)) from None
         settings = SampleSettings.from_section(section)
-        check_settings(settings, model_dir,
-                       lambda name: "--model" if name == "prompts" else f"--{name.replace('_', '-')}")
+        family.check_sampling(settings, lambda name: "--model" if name == "prompts" else f"--{name.replace('_', '-')}")
         if args.lora is not None and not args.lora.exists():
             raise UserError(f"--lora: no such file or directory: {args.lora}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    sample(model_dir, args.lora, section, settings, precision, args.out)
+    sample(family, args.lora, section, settings, precision, args.out)
     return 0
 
 
-def sample(model_dir: Path, lora: Path | None, section, settings, precision: str, out: Path) -> list[Path]:
+def sample(family: ModelFamily, lora: Path | None, section: ValidationSection, settings: SampleSettings,
+           precision: str, out: Path) -> list[Path]:
     import torch
-    from diffusers import CogVideoXTransformer3DModel
 
-    from trainer.engine import COMPUTE_DTYPES
     from trainer.media import write_mp4
-    from trainer.sampling import encode_prompts, generate, load_pipeline, video_names, write_prompt_list
+    from trainer.sampling import encode_prompts, video_names, write_prompt_list
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    dtype = COMPUTE_DTYPES[precision]
-    embeds = encode_prompts(model_dir, [*section.prompts, section.negative_prompt])  # T5 is freed again
-    transformer = CogVideoXTransformer3DModel.from_pretrained(model_dir, subfolder="transformer", dtype=dtype)
-    pipe = load_pipeline(model_dir, transformer.to(device), dtype, device)
+    dtype = PRECISIONS[precision]
+    embeds = encode_prompts(family, [*section.prompts, section.negative_prompt])  # the text encoder is freed again
+    pipe = family.pipeline(family.load_transformer(dtype).to(device), dtype, device)
     if lora is not None:
-        pipe.load_lora_weights(lora)  # with the file's adapter metadata: the trained alpha / rank scale
+        family.load_lora(pipe, lora)  # with the file's adapter metadata: the trained alpha / rank scale
     pipe.transformer.eval()  # the layers load_lora_weights adds come in training mode
     names = video_names(section.prompts)
     files = []
     for i, prompt in enumerate(section.prompts):
-        frames = generate(pipe, embeds[i], embeds[-1], settings)
+        frames = family.generate(pipe, embeds[i], embeds[-1], settings)
         files.append(write_mp4(out / names[i], frames, settings.fps))
         print(f"{files[-1]}  ({prompt})", flush=True)
     write_prompt_list(out, section.prompts, settings.seed)

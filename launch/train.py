@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from trainer.distributed import ensure_process_env, env_rank  # noqa: E402
 from trainer.errors import EXIT_LOST_PEER, EXIT_USER_ERROR, UserError  # noqa: E402
 from trainer.faults import Stopped, ignore_stop_signals  # noqa: E402
+from trainer.process_env import ensure_process_env, env_rank  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.spec import load_spec
 
         if args.dry_run:  # no process group, no weights
-            from trainer.distributed import env_world_size
             from trainer.planner import dry_run
+            from trainer.process_env import env_world_size
 
             dry_run(load_spec(args.spec, args.overrides), args.ranks or env_world_size(), args.video)
             return 0
@@ -72,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         train(load_spec(args.spec, args.overrides))
     except UserError as exc:
         # Before training starts every rank fails the same way: let rank 0 say it once.
-        if dist.is_initialized() and not getattr(exc, "on_every_rank", False):
-            print(f"error [rank {dist.get_rank()}]: {exc}", file=sys.stderr)
+        if dist.is_initialized() and not exc.on_every_rank:
+            print(f"error [rank {env_rank()}]: {exc}", file=sys.stderr)
         elif env_rank() == 0:
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Stopped as exc:
         ignore_stop_signals()  # the checkpoint is saved: keep the exit status whatever arrives now
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if env_rank() == 0:
             print(exc, file=sys.stderr)
         # Leave at once: every rank passed the save's last barrier and the logs are closed. A slow teardown
         # could outlast the KillWait after which SLURM SIGKILLs the ranks, and a killed rank means no requeue.
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # A collective failed: a peer died, or hung past run.collective_timeout_s. Tearing down the process
         # group could wait on that peer again, so leave now; the last complete checkpoint is intact.
-        print(f"error [rank {dist.get_rank()}]: lost contact with another rank ({str(exc).splitlines()[0][:300]}); "
+        print(f"error [rank {env_rank()}]: lost contact with another rank ({str(exc).splitlines()[0][:300]}); "
               f"stopping. Rerun the same command to resume from the last complete checkpoint.", file=sys.stderr)
         sys.stderr.flush()
         os._exit(EXIT_LOST_PEER)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from trainer.distributed import free_port
+from trainer.process_env import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 # Metadata every test sample carries (the shard format requires these fields).

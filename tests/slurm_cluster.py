@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from trainer.distributed import free_port
+from trainer.process_env import free_port
 
 PROGRAMS = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "sinfo", "munged", "munge")
 SEARCH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])

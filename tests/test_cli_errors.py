@@ -14,7 +14,6 @@ from helpers import META, run_python, run_train, write_spec
 from trainer.shard_format import encode_sample
 
 
-
 @pytest.fixture
 def good_spec(tiny_5b, shards_5b, tmp_path) -> dict:
     return {"run": {"output_dir": str(tmp_path / "run")}, "model": {"path": str(tiny_5b)},
@@ -46,7 +45,8 @@ def test_wrong_type(tmp_path, good_spec):
 
 
 def test_wrong_type_from_the_command_line(tmp_path, good_spec):
-    fails_with(tmp_path, good_spec, "train.gradient_accumulation_steps", overrides=("train.gradient_accumulation_steps=-1",))
+    fails_with(tmp_path, good_spec, "train.gradient_accumulation_steps",
+               overrides=("train.gradient_accumulation_steps=-1",))
 
 
 def test_missing_model_directory(tmp_path, good_spec):
@@ -170,8 +170,10 @@ def test_sample_and_export_tools_name_the_bad_option(tmp_path, tiny_5b):
     tool_fails_with(["launch/sample.py", "--model", str(tiny_5b), "--out", str(tmp_path)], "--prompt: no prompts")
     half = tmp_path / "run" / "checkpoints" / "step_00000004"
     half.mkdir(parents=True)  # a save that never completed
-    tool_fails_with(["-m", "trainer.export", "--checkpoint", str(half)], "--spec:")
+    tool_fails_with(["launch/export.py", "--checkpoint", str(half)], "--spec:")
     spec = {"model": {"path": str(tiny_5b)}, "data": {"shards": "x"}, "train": {"max_steps": 1}}
     write_spec(tmp_path / "run" / "spec.yaml", spec)
-    tool_fails_with(["-m", "trainer.export", "--checkpoint", str(half)],
+    tool_fails_with(["launch/export.py", "--checkpoint", str(half)],
                     f"--checkpoint: {half} is not a complete checkpoint (no complete.json)")
+    # the command it replaced says where it went
+    tool_fails_with(["-m", "trainer.export", "--checkpoint", str(half)], "python launch/export.py")

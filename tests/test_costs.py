@@ -8,7 +8,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.costs import CostModel
-from trainer.model import VideoTransformer
+from trainer.families.base import lora_config
+from trainer.families.cogvideox import CogVideoX, CogVideoXModel
 from trainer.spec import LoraSection
 
 # THUDM/CogVideoX-5b transformer/config.json
@@ -23,7 +24,7 @@ ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def test_cogvideox_5b_hand_checked_values():
-    costs = CostModel(COGVIDEOX_5B, LoraSection(rank=128, target_modules=ATTENTION))
+    costs = CostModel(CogVideoX.from_config(COGVIDEOX_5B), LoraSection(rank=128, target_modules=ATTENTION))
     assert costs.params_frozen == 5_570_283_072
     assert costs.params_lora == 132_120_576  # 42 blocks x 4 projections x 128 x (3072 + 3072)
     latents = (16, 13, 60, 90)  # 49x480x720 through the VAE's 4x temporal and 8x spatial compression
@@ -46,10 +47,8 @@ def small_config(rope: bool) -> dict:
                 use_rotary_positional_embeddings=rope)
 
 
-def small_model(cfg: dict, lora: LoraSection, dtype: torch.dtype, checkpointing: bool) -> VideoTransformer:
+def small_model(cfg: dict, lora: LoraSection, dtype: torch.dtype, checkpointing: bool) -> CogVideoXModel:
     from diffusers import CogVideoXTransformer3DModel
-
-    from trainer.model import lora_config
 
     torch.manual_seed(0)
     transformer = CogVideoXTransformer3DModel.from_config(cfg).to(dtype)
@@ -59,7 +58,7 @@ def small_model(cfg: dict, lora: LoraSection, dtype: torch.dtype, checkpointing:
         p.data = p.data.to(dtype)
     if checkpointing:
         transformer.enable_gradient_checkpointing()
-    return VideoTransformer(transformer)
+    return CogVideoXModel(transformer)
 
 
 def inputs(cfg: dict, latents: tuple[int, ...], dtype: torch.dtype):
@@ -79,7 +78,7 @@ def test_flops_equal_what_torch_counts(targets, checkpointing):
         out = model(x, text, t)
         forward = counter.get_total_flops()
         out.square().mean().backward()
-    flops = CostModel(cfg, lora).flops(latents)
+    flops = CostModel(CogVideoX.from_config(cfg), lora).flops(latents)
     assert flops.forward == forward
     assert (flops.train_checkpointed if checkpointing else flops.train) == counter.get_total_flops()
 
@@ -105,5 +104,5 @@ def test_activation_estimate_matches_what_autograd_keeps(rope, lora, checkpointi
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(x, text, t)
-    costs = CostModel(cfg, lora)
+    costs = CostModel(CogVideoX.from_config(cfg), lora)
     assert costs.saved_activation_bytes(latents, 2, checkpointing) == pytest.approx(sum(kept.values()), rel=0.05)

@@ -18,10 +18,9 @@ import webdataset as wds
 from helpers import META
 from trainer.data import MicroBatches, read_sample, resolve_shards, streaming
 from trainer.errors import UserError
-from trainer.model import ModelShapes
-from trainer.shard_format import ShardError, decode_sample, encode_sample, shard_samples
+from trainer.families import family_for
+from trainer.shard_format import SampleShapes, ShardError, decode_sample, encode_sample, shard_samples
 from trainer.shard_index import Extent, ShardIndex, build_index, tensor_header
-
 
 
 def write_shards(root: Path, shapes_per_shard: list[list[tuple[int, int, int, int]]], text=(226, 32),
@@ -44,8 +43,8 @@ def sample_ids(batch) -> list[int]:
 
 
 @pytest.fixture
-def shapes(tiny_5b) -> ModelShapes:
-    return ModelShapes.from_model_dir(tiny_5b)
+def shapes(tiny_5b) -> SampleShapes:
+    return family_for(tiny_5b).sample_shapes()
 
 
 def test_resolve_shards_forms_and_errors(tmp_path):
@@ -103,7 +102,7 @@ def test_micro_batches_hold_one_latent_shape_and_drop_partial_ones(tmp_path, sha
     for k in range(3 * data.per_epoch):
         batch = data[k]
         assert batch.latents.shape[0] == 3 and batch.prompt_embeds.shape == (3, 226, 32) and batch.valid.all()
-        for i, latent in zip(sample_ids(batch), batch.latents):
+        for i, latent in zip(sample_ids(batch), batch.latents, strict=True):
             assert (latent == i).all()  # each row is its own sample
         seen[tuple(batch.latents.shape[1:])] += 1
     assert seen[small] == 6 and seen[large] == 6
@@ -148,7 +147,7 @@ def test_rows_read_in_place_equal_what_safetensors_decodes_in_any_stored_dtype(t
     data = dataset(index, micro=4, shapes=shapes)
     batch = data[0]
     assert batch.latents.dtype == torch.float32 and batch.valid.all()  # promoted: fp32 holds every value exactly
-    for key, latents, prompt in zip(batch.keys, batch.latents, batch.prompt_embeds):
+    for key, latents, prompt in zip(batch.keys, batch.latents, batch.prompt_embeds, strict=True):
         assert torch.equal(latents, decoded[key].latents.float())
         assert torch.equal(prompt, decoded[key].prompt_embeds.float())
     alone = read_sample(index, index.samples[1], (226, 32))
@@ -215,7 +214,7 @@ def test_the_index_names_each_bad_sample_and_keeps_the_good_ones(tmp_path, shape
                 r"part-001.tar.*truncated|part-001.tar: cannot be read",
                 r"part-002.tar: holds no samples"]
     assert len(problems) == len(expected), problems
-    for problem, pattern in zip(problems, expected):
+    for problem, pattern in zip(problems, expected, strict=True):
         assert re.search(pattern, problem), (pattern, problem)
     kept = [r.key for r in index.samples]
     assert kept[:2] == ["s0000", "s0005"] and set(kept[2:]) <= {"s0006", "s0007", "s0008"} and len(kept) >= 3
@@ -272,7 +271,8 @@ def test_non_finite_values_found_when_read_become_an_invalid_sample(tmp_path, sh
     bad = batch.keys.index("s0001")
     assert batch.valid.tolist() == [i != bad for i in range(3)]
     assert (batch.latents[bad] == 0).all() and torch.isfinite(batch.latents).all()
-    assert [str(f) for f in batch.faults] == [f"shard {index.shards[0]}, sample 's0001': latents hold NaN or inf values"]
+    expected = f"shard {index.shards[0]}, sample 's0001': latents hold NaN or inf values"
+    assert [str(f) for f in batch.faults] == [expected]
 
 
 def test_decode_rejects_missing_members_and_non_safetensors():

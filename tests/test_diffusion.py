@@ -9,8 +9,10 @@ import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler
 
-from trainer.diffusion import Objective, TimestepSampler, stratified_slots, stratified_timesteps
+from trainer.diffusion import TimestepSampler, stratified_slots, stratified_timesteps
 from trainer.errors import UserError
+from trainer.families import family_for
+from trainer.families.cogvideox import CogVideoX
 
 T = 1000
 
@@ -41,7 +43,7 @@ def scheduler_config(request) -> dict:
 
 
 def test_loss_equals_weighted_x0_loss_from_diffusers_in_fp64(scheduler_config):
-    objective = Objective.from_scheduler_config(scheduler_config)
+    objective = CogVideoX.objective_from_scheduler(scheduler_config)
     x0, noise, v_pred, t = batch(torch.float64)
     # the timesteps 0 and 999 are in the batch: w(0) is the largest weight, 999 the zero-SNR end
     reference = weighted_x0_loss(CogVideoXDDIMScheduler.from_config(scheduler_config), v_pred, x0, noise, t)
@@ -52,7 +54,7 @@ def test_loss_equals_weighted_x0_loss_from_diffusers_in_fp64(scheduler_config):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_loss_equals_plain_v_mse(scheduler_config, dtype):
-    objective = Objective.from_scheduler_config(scheduler_config)
+    objective = CogVideoX.objective_from_scheduler(scheduler_config)
     x0, noise, v_pred, t = batch(dtype, seed=1)
     sched = CogVideoXDDIMScheduler.from_config(scheduler_config)
     sched.alphas_cumprod = sched.alphas_cumprod.double()
@@ -67,7 +69,7 @@ def test_loss_equals_plain_v_mse(scheduler_config, dtype):
 
 
 def test_noising_matches_diffusers_add_noise(scheduler_config):
-    objective = Objective.from_scheduler_config(scheduler_config)
+    objective = CogVideoX.objective_from_scheduler(scheduler_config)
     x0, noise, _, t = batch(torch.float64, seed=2)
     sched = CogVideoXDDIMScheduler.from_config(scheduler_config)
     sched.alphas_cumprod = sched.alphas_cumprod.double()
@@ -77,7 +79,7 @@ def test_noising_matches_diffusers_add_noise(scheduler_config):
 
 
 def test_terminal_timestep_is_zero_snr_and_finite(scheduler_config):
-    objective = Objective.from_scheduler_config(scheduler_config)
+    objective = CogVideoX.objective_from_scheduler(scheduler_config)
     assert objective.num_train_timesteps == T
     assert objective.alphas_cumprod[-1] == 0  # zero terminal SNR: x_999 is pure noise
     x0, noise, v_pred, _ = batch(torch.float32, seed=3)
@@ -89,8 +91,8 @@ def test_terminal_timestep_is_zero_snr_and_finite(scheduler_config):
 
 
 def test_2b_and_5b_schedules_differ(tiny_2b, tiny_5b):
-    a2 = Objective.from_model_dir(tiny_2b).alphas_cumprod
-    a5 = Objective.from_model_dir(tiny_5b).alphas_cumprod
+    a2 = family_for(tiny_2b).objective().alphas_cumprod
+    a5 = family_for(tiny_5b).objective().alphas_cumprod
     assert json.loads((tiny_2b / "scheduler" / "scheduler_config.json").read_text())["snr_shift_scale"] == 3.0
     assert json.loads((tiny_5b / "scheduler" / "scheduler_config.json").read_text())["snr_shift_scale"] == 1.0
     assert (a2[1:-1] < a5[1:-1]).all()  # the SNR shift of 3 lowers every intermediate ᾱ
@@ -100,7 +102,7 @@ def test_2b_and_5b_schedules_differ(tiny_2b, tiny_5b):
 def test_non_v_prediction_scheduler_is_refused(tiny_5b):
     config = json.loads((tiny_5b / "scheduler" / "scheduler_config.json").read_text())
     with pytest.raises(UserError, match="prediction_type is 'epsilon'"):
-        Objective.from_scheduler_config({**config, "prediction_type": "epsilon"})
+        CogVideoX.objective_from_scheduler({**config, "prediction_type": "epsilon"})
 
 
 @pytest.mark.parametrize("global_batch", [1, 4, 7, 64])

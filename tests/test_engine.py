@@ -8,6 +8,7 @@ Clipping each micro-batch, or clipping twice with different norms, or mis-scalin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -20,10 +21,9 @@ from helpers import free_port
 from trainer.data import MicroBatches
 from trainer.diffusion import TimestepSampler
 from trainer.loop import train_step
-from trainer.startup import Run, build, preflight
-from trainer.model import VideoTransformer
-from trainer.rng import NOISE, derive_seed
+from trainer.rng import Stream, derive_seed
 from trainer.spec import RunSpec
+from trainer.startup import build, preflight
 
 ACCUMULATION = 2
 
@@ -58,7 +58,7 @@ def _probe(rank: int, world_size: int, port: int, model_dir: str, shards: str, m
     run, index, _ = build(spec, plan)
     assert run.engine.train_batch_size() == ACCUMULATION * world_size
     # each rank draws its own noise: train_step seeds it by (seed, rank, optimizer step)
-    probe = torch.Generator().manual_seed(derive_seed(spec.run.seed, NOISE, rank, 1))
+    probe = torch.Generator().manual_seed(derive_seed(spec.run.seed, Stream.NOISE, rank, 1))
     draws = [torch.empty(16) for _ in range(world_size)]
     dist.all_gather(draws, torch.randn(16, generator=probe))
     assert not torch.equal(draws[0], draws[1])
@@ -66,15 +66,15 @@ def _probe(rank: int, world_size: int, port: int, model_dir: str, shards: str, m
                           shapes=plan.shapes)
     micro_batches = [stream[k] for k in range(ACCUMULATION)]
 
-    reference = VideoTransformer.from_pretrained(plan.model_dir, spec.lora, torch.float32, False, spec.run.seed)
+    reference = plan.family.load(spec.lora, torch.float32, False, spec.run.seed)
     engine_params = run.model.lora_parameters()
     for name, param in reference.lora_parameters().items():
         assert torch.equal(param, safe_get_full_fp32_param(engine_params[name])), name
     noise = torch.Generator()
     sampler = TimestepSampler("uniform", seed=0, rank=rank, world_size=world_size, micro_batch=1,
                               accumulation=ACCUMULATION, num_train_timesteps=1000, generator=noise)
-    ref_run = Run(spec, PlainAutograd(reference, ACCUMULATION), reference, run.objective, sampler, noise,
-                  torch.float32, rank, run.costs, None)
+    ref_run = dataclasses.replace(run, engine=PlainAutograd(reference, ACCUMULATION), model=reference,
+                                  timesteps=sampler, noise=noise, dtype=torch.float32, validation=None)
     ref_loss = train_step(ref_run, iter(micro_batches), 1).loss
     loss = train_step(run, iter(micro_batches), 1).loss
     assert torch.equal(loss, ref_loss)  # same batches, noise and timesteps

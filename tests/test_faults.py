@@ -21,9 +21,9 @@ from safetensors.torch import save as st_save
 
 from helpers import REPO, read_jsonl, read_metrics, rewrite_shards, run_train, train_env
 from trainer.data import MicroBatches
-from trainer.distributed import free_port
 from trainer.errors import EXIT_NONFINITE, EXIT_USER_ERROR
-from trainer.model import ModelShapes
+from trainer.families import family_for
+from trainer.process_env import free_port
 from trainer.shard_index import build_index
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ def scaled(members: dict, factor: float) -> dict:
 
 def one_rank_order(tiny_5b, shards: Path) -> list[str]:
     """The keys a 1-rank run with micro batch 1 trains on, in order (the first two epochs)."""
-    shapes = ModelShapes.from_model_dir(tiny_5b)
+    shapes = family_for(tiny_5b).sample_shapes()
     data = MicroBatches(build_index(sorted(map(str, shards.glob("*.tar"))), shapes), seed=0, micro_batch_size=1,
                         start=0, rank=0, world_size=1, shapes=shapes)
     return [data[k].keys[0] for k in range(2 * data.per_epoch)]

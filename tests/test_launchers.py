@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, assert_same_run, read_metrics, run_train, skip_or_fail, train_env
-from trainer.distributed import SLURM_PORT_BASE, expand_tasks_per_node, first_host, free_port, rank_env
+from trainer.process_env import SLURM_PORT_BASE, expand_tasks_per_node, first_host, free_port, rank_env
 
 STEPS = 4
 
@@ -72,7 +72,7 @@ def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 def finish(procs: list[subprocess.Popen]) -> None:
     outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for proc, output in zip(procs, outputs):
+    for proc, output in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, output[-3000:]
 
 
@@ -117,7 +117,8 @@ def ssh_server(tmp_path):
     (keys / "authorized_keys").write_bytes((keys / "user.pub").read_bytes())
     port = free_port()
     (keys / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {keys / 'host'}\nAuthorizedKeysFile {keys / 'authorized_keys'}\n"
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {keys / 'host'}\n"
+        f"AuthorizedKeysFile {keys / 'authorized_keys'}\n"
         f"PasswordAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
         f"PidFile {keys / 'sshd.pid'}\n")
     Path("/run/sshd").mkdir(exist_ok=True)  # its privilege separation directory

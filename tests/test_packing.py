@@ -17,14 +17,14 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, T5EncoderModel
 
 from data_tools import packing, shard
-from data_tools.inspect import inspect_dataset
+from data_tools.inspect_shards import inspect_dataset
 from data_tools.synth import caption
 from data_tools.synth_videos import frames_for, write_synthetic_videos
-from trainer.media import write_mp4
 from data_tools.video import Bucket, decode_clip
 from helpers import REPO, free_port
+from trainer.media import write_mp4
+from trainer.rng import Stream, derive_seed
 from trainer.shard_format import shard_samples
-from trainer.rng import VAE_NOISE, derive_seed
 
 GEOMETRY = ["--frames", "9", "--height", "96", "--width", "128"]
 
@@ -55,12 +55,13 @@ def test_packed_sample_equals_the_encoders_on_the_same_frames(packed, videos, ti
     assert sorted(samples) == [f"{i:09d}" for i in range(6)]
     sample = samples["000000004"]
     assert sample.meta["caption"] == caption(4) and sample.meta["source"] == "videos/00004.mp4"
-    assert (sample.meta["num_frames"], sample.meta["height"], sample.meta["width"], sample.meta["fps"]) == (9, 96, 128, 8)
+    meta = sample.meta
+    assert (meta["num_frames"], meta["height"], meta["width"], meta["fps"]) == (9, 96, 128, 8)
 
     frames = decode_clip(videos / "videos" / "00004.mp4", [Bucket(9, 96, 128)], 8.0).frames  # same decode
     vae = AutoencoderKLCogVideoX.from_pretrained(tiny_5b / "vae").eval()
     posterior = vae.encode(frames.permute(1, 0, 2, 3).unsqueeze(0)).latent_dist
-    noise = torch.Generator().manual_seed(derive_seed(0, VAE_NOISE, 4))  # same noise seed
+    noise = torch.Generator().manual_seed(derive_seed(0, Stream.VAE_NOISE, 4))  # same noise seed
     expected = (posterior.sample(generator=noise) * vae.config.scaling_factor)[0].to(torch.bfloat16)
     assert sample.latents.dtype == torch.bfloat16 and torch.equal(sample.latents, expected)
 
@@ -90,16 +91,17 @@ def test_all_three_layouts_pack_the_same_samples(packed, videos, tiny_5b, tmp_pa
     paths = (videos / "videos.txt").read_text().splitlines()
     elsewhere = tmp_path / "lists"
     elsewhere.mkdir()
-    with (elsewhere / "data.csv").open("w", newline="", encoding="utf-8-sig") as f:  # relative paths; a BOM, as Excel writes
+    # relative paths; a BOM, as Excel writes
+    with (elsewhere / "data.csv").open("w", newline="", encoding="utf-8-sig") as f:
         writer = csv.writer(f)
         writer.writerow(["caption", "video"])
-        writer.writerows([c, f"../{videos.name}/{p}"] for c, p in zip(captions, paths))
+        writer.writerows([c, f"../{videos.name}/{p}"] for c, p in zip(captions, paths, strict=True))
     shutil.copytree(videos, tmp_path / videos.name)
     (elsewhere / "data.jsonl").write_text("".join(json.dumps({"video": f"../{videos.name}/{p}", "caption": c}) + "\n"
-                                                  for c, p in zip(captions, paths)))
+                                                  for c, p in zip(captions, paths, strict=True)))
     flat = tmp_path / "flat"
     flat.mkdir()
-    for c, p in zip(captions, paths):
+    for c, p in zip(captions, paths, strict=True):
         shutil.copy(videos / p, flat / Path(p).name)
         (flat / Path(p).name).with_suffix(".txt").write_text(c + "\n")
 
@@ -161,10 +163,10 @@ def test_input_and_option_mistakes_stop_before_any_work(videos, tiny_5b, tmp_pat
     assert "prompts.txt has 1 lines but videos.txt has 6" in capsys.readouterr().err
     assert shard.main(["--input", str(videos), "--model", str(tiny_5b), "--out", str(tmp_path / "b"),
                        "--buckets", "9x96x120"]) == 2
-    assert "bucket 9x96x120: height and width must be multiples of 16" in capsys.readouterr().err
+    assert "bucket 9x96x120 width: 120 is not a multiple of 16" in capsys.readouterr().err
     assert shard.main(["--input", str(videos), "--model", str(tiny_5b), "--out", str(tmp_path / "c"),
                        "--frames", "10"]) == 2
-    assert "needs 4k+1" in capsys.readouterr().err
+    assert "bucket 10x480x720: 10 frames cannot be made by this VAE: it needs 4k+1" in capsys.readouterr().err
     (tmp_path / "header.csv").write_text("path,text\nvideos/00000.mp4,hello\n")
     assert pack(tmp_path / "header.csv", tiny_5b, tmp_path / "d") == 2
     assert "the header has no column ['video', 'caption']" in capsys.readouterr().err
@@ -289,7 +291,7 @@ def test_a_killed_pack_reruns_to_the_same_dataset(tiny_5b, tmp_path):
 
 
 def test_inspect_passes_good_shards_and_names_bad_ones(packed, tmp_path):
-    ok = subprocess.run([sys.executable, "data_tools/inspect.py", str(packed)], cwd=REPO, capture_output=True,
+    ok = subprocess.run([sys.executable, "data_tools/inspect_shards.py", str(packed)], cwd=REPO, capture_output=True,
                         text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "9x96x128" in ok.stdout and "4x3x12x16" in ok.stdout and "all samples check out" in ok.stdout
@@ -311,15 +313,17 @@ def test_inspect_passes_good_shards_and_names_bad_ones(packed, tmp_path):
     _, report = inspect_dataset(bad)
     assert any("shard-000000.tar, sample '000000002': latents holds NaN or inf" in p for p in report.problems)
     assert any("shard-000001.tar" in p and "cannot be read" in p for p in report.problems)
-    proc = subprocess.run([sys.executable, "data_tools/inspect.py", str(bad)], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "data_tools/inspect_shards.py", str(bad)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 1 and "sample '000000002'" in proc.stderr and "shard-000001.tar" in proc.stderr
 
 
-@pytest.mark.parametrize("script", ["shard.py", "inspect.py", "synth_videos.py", "synth.py", "tiny_model.py"])
+@pytest.mark.parametrize("script", ["shard.py", "inspect_shards.py", "synth_videos.py", "synth.py", "tiny_model.py"])
 def test_data_tools_run_as_scripts(script):
-    """`python data_tools/X.py` puts data_tools/ on sys.path, where inspect.py would shadow the standard library
-    module torch and PyAV import (it crashed `import av`); every script must take itself off the path first."""
+    """`python data_tools/X.py` puts data_tools/ first on sys.path: no module there may shadow the standard library
+    (an inspect.py once crashed `import av`), and every script runs from there."""
+    shadowing = {p.stem for p in (REPO / "data_tools").glob("*.py")} & sys.stdlib_module_names
+    assert not shadowing
     proc = subprocess.run([sys.executable, f"data_tools/{script}", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -340,7 +344,8 @@ def test_clips_of_two_shapes_go_to_their_buckets(tiny_5b, tmp_path):
     data = tmp_path / "data"
     write_synthetic_videos(data, count=3)  # 120x160: landscape
     write_synthetic_videos(data / "tall", count=2, height=160, width=120, first=3)  # portrait
-    (data / "videos.txt").write_text((data / "videos.txt").read_text() + "tall/videos/00003.mp4\ntall/videos/00004.mp4\n")
+    tall = "tall/videos/00003.mp4\ntall/videos/00004.mp4\n"
+    (data / "videos.txt").write_text((data / "videos.txt").read_text() + tall)
     (data / "prompts.txt").write_text((data / "prompts.txt").read_text() + (data / "tall" / "prompts.txt").read_text())
     out = tmp_path / "out"
     assert shard.main(["--input", str(data), "--model", str(tiny_5b), "--out", str(out),

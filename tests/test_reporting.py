@@ -8,7 +8,8 @@ import numpy as np
 from PIL import Image
 
 from trainer.media import gif_bytes, to_uint8
-from trainer.metrics import bucket_names, duration
+from trainer.reporting.interval import bucket_names
+from trainer.reporting.writers import duration
 from trainer.sampling import video_names
 from trainer.validation import loss_timesteps
 

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from helpers import REPO, assert_same_run, lora, read_metrics, run_train, train_env, zero_config
-from trainer.distributed import free_port
 from trainer.errors import EXIT_PREEMPTED
+from trainer.process_env import free_port
 
 pytestmark = pytest.mark.slow
 STEPS, EVERY = 8, 4
@@ -149,7 +149,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_and_back(tiny_5b, shards_10, 
     """2 ranks x 2 micro-steps, then 1 rank x 4, then 2 ranks x 2 again: 4 samples per optimizer step all along.
     The global micro-batch sequence goes on where samples seen says, across both switches."""
     from trainer.data import MicroBatches
-    from trainer.model import ModelShapes
+    from trainer.families import family_for
     from trainer.shard_index import build_index
 
     run_dir, config = tmp_path / "run", zero_config(tmp_path, 2)
@@ -170,7 +170,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_and_back(tiny_5b, shards_10, 
         proc = leg(ranks, accumulation, steps)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
-    shapes = ModelShapes.from_model_dir(tiny_5b)
+    shapes = family_for(tiny_5b).sample_shapes()
     data = MicroBatches(build_index(sorted(map(str, shards_10.glob("*.tar"))), shapes), seed=0, micro_batch_size=1,
                         start=0, rank=0, world_size=1, shapes=shapes)
     log = sample_log(run_dir)
@@ -196,7 +196,8 @@ def test_time_based_checkpoints(tiny_5b, shards_10, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train(REPO / "examples" / "tiny.yaml", overrides=(
         f"model.path={tiny_5b}", f"data.shards={shards_10}", f"run.output_dir={run_dir}", "train.max_steps=3",
-        "optim.warmup_steps=1", "checkpoint.every_steps=0", "checkpoint.every_minutes=0.0001", "checkpoint.keep_last=2"))
+        "optim.warmup_steps=1", "checkpoint.every_steps=0", "checkpoint.every_minutes=0.0001",
+        "checkpoint.keep_last=2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = [e["optimizer_step"] for e in map(json.loads, (run_dir / "events.jsonl").read_text().splitlines())
              if e["event"] == "checkpoint"]

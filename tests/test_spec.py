@@ -65,7 +65,8 @@ def test_missing_required_fields_are_named(tmp_path):
 
 
 def test_negative_seed_is_refused(tmp_path):
-    assert "run.seed: Input should be greater than or equal to 0" in error_of(tmp_path, {**MINIMAL, "run": {"seed": -5}})
+    negative = error_of(tmp_path, {**MINIMAL, "run": {"seed": -5}})
+    assert "run.seed: Input should be greater than or equal to 0" in negative
 
 
 def test_cross_field_error_names_both_fields(tmp_path):
@@ -106,7 +107,7 @@ def ds_error(tmp_path: Path, config: dict, **spec_updates) -> str:
     path.write_text(json.dumps(config))
     raw = {**MINIMAL, "deepspeed": {"config": str(path)}, **spec_updates}
     with pytest.raises(UserError) as info:
-        assemble_config(RunSpec.model_validate(raw), world_size=2)
+        assemble_config(RunSpec.model_validate(raw), data_parallel=2)
     return str(info.value)
 
 
@@ -131,7 +132,7 @@ def test_ds_config_values_that_agree_or_say_auto_are_accepted(tmp_path):
     path.write_text(json.dumps({**zero3, "gradient_clipping": 1.0, "train_batch_size": "auto"}))
     spec = RunSpec.model_validate({**MINIMAL, "deepspeed": {"config": str(path), "stage": 3},
                                    "train": {"max_steps": 10, "gradient_accumulation_steps": 4}})
-    config = assemble_config(spec, world_size=2)
+    config = assemble_config(spec, data_parallel=2)
     assert config["train_batch_size"] == 8 and config["zero_optimization"]["stage"] == 3
     assert config["bf16"]["enabled"] and config["data_types"]["grad_accum_dtype"] == "fp32"
     assert not config["fp16"]["enabled"]

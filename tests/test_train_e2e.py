@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import REPO, read_metrics, run_train, zero_config
-from trainer.model import lora_config
+from trainer.families.base import lora_config
 from trainer.spec import load_spec
 
 pytestmark = pytest.mark.slow

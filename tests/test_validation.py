@@ -23,11 +23,20 @@ import torch.multiprocessing as mp
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import (assert_equal_lora, assert_same_run, free_port, lora_file, read_metrics, run_python, run_train,
-                     write_spec, zero_config)
+from helpers import (
+    assert_equal_lora,
+    assert_same_run,
+    free_port,
+    lora_file,
+    read_metrics,
+    run_python,
+    run_train,
+    write_spec,
+    zero_config,
+)
 from trainer.costs import CostModel
+from trainer.families import family_for
 from trainer.media import read_mp4
-from trainer.model import read_transformer_config
 from trainer.shard_format import shard_samples
 from trainer.spec import LoraSection
 
@@ -96,7 +105,7 @@ def test_validation_videos_loss_and_tools_leave_training_unchanged(stage, tmp_pa
     assert all(m["tokens_per_s"] > 0 and 0 <= m["data_wait_fraction"] < 1 and m["rss_peak_gb"] > 0.1 for m in train)
     # TFLOP/s per rank counts the planner's training FLOPs of every sample; MFU divides by logging.peak_tflops
     latents = next(shard_samples(str(sorted(shards_10.glob("*.tar"))[0]))).latents.shape
-    flops = CostModel(read_transformer_config(tiny_5b), LoraSection(rank=4, alpha=8, dropout=0.1)).flops(latents)
+    flops = CostModel(family_for(tiny_5b), LoraSection(rank=4, alpha=8, dropout=0.1)).flops(latents)
     for m in train:
         assert m["tflops_per_s"] * 1e12 * 2 / m["samples_per_s"] == pytest.approx(flops.train, rel=1e-9)
         assert m["mfu"] == pytest.approx(m["tflops_per_s"] / 0.5)
@@ -124,13 +133,13 @@ def test_validation_videos_loss_and_tools_leave_training_unchanged(stage, tmp_pa
     # the export tool's LoRA of a mid-run checkpoint is the file the run wrote at that step: tensors and metadata
     step = steps[0]
     exported = tmp_path / "exported"
-    run_tool("-m", "trainer.export", "--checkpoint", str(run_dir / "checkpoints" / f"step_{step:08d}"),
+    run_tool("launch/export.py", "--checkpoint", str(run_dir / "checkpoints" / f"step_{step:08d}"),
              "--out", str(exported))
     run_lora = run_dir / "samples" / f"step_{step:06d}" / "lora"
     assert_equal_lora(lora_file(exported), lora_file(run_lora))
     assert metadata(exported) == metadata(run_lora)
     assert json.loads(metadata(exported)["lora_adapter_metadata"])["transformer.lora_dropout"] == 0.0  # see export.py
-    final = run_tool("-m", "trainer.export", "--checkpoint", str(run_dir / "checkpoints" / f"step_{STEPS:08d}"))
+    final = run_tool("launch/export.py", "--checkpoint", str(run_dir / "checkpoints" / f"step_{STEPS:08d}"))
     default_out = run_dir / "lora_exports" / f"step_{STEPS:08d}"
     assert str(default_out) in final.stdout
     assert_equal_lora(lora_file(default_out), lora_file(run_dir / "lora"))
@@ -156,7 +165,7 @@ def _evaluate_twice(rank: int, world_size: int, port: int, spec: dict, out: str)
     from trainer.data import MicroBatches
     from trainer.export import gather_lora_state
     from trainer.loop import train_step
-    from trainer.metrics import Reporter
+    from trainer.reporting.writers import Reporter
     from trainer.spec import RunSpec
     from trainer.startup import build, preflight
     from trainer.validation import evaluating

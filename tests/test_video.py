@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from data_tools.synth_videos import frames_for
-from trainer.media import write_mp4
 from data_tools.video import Bucket, Probe, VideoError, choose_bucket, decode_clip, parse_buckets, probe, resize_crop
+from trainer.media import write_mp4
 
 
 def clip(n: int, fps: float, height: int = 480, width: int = 720) -> Probe:
@@ -87,8 +87,9 @@ def test_unreadable_and_missing_videos_raise_with_a_reason(tmp_path):
 
 def write_frames(path, images, times, rotation: int = 0):
     """H.264 with explicit presentation times (variable frame rate, any start) and an optional display rotation."""
-    import av
     from fractions import Fraction
+
+    import av
 
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=Fraction(30))
@@ -97,7 +98,7 @@ def write_frames(path, images, times, rotation: int = 0):
         stream.pix_fmt = "yuv420p"
         if rotation:
             stream.set_display_rotation(rotation)
-        for image, t in zip(images, times):
+        for image, t in zip(images, times, strict=True):
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
             container.mux(stream.encode(frame))

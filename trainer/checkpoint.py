@@ -9,7 +9,8 @@ A checkpoint counts only if it has ``complete.json``; DeepSpeed's own ``latest``
 would name a checkpoint whose files are half on disk). Pruning to ``keep_last`` and the cleanup of what a
 killed save left behind happen only after a new checkpoint is complete. A checkpoint saved by another
 number of ranks is converted once to DeepSpeed's universal format (``checkpoints/universal/step_...``).
-Every collective here runs on every rank; only rank 0 writes shared files.
+Every collective here runs on every rank; only rank 0 writes shared files. Whether and from where a run
+continues is trainer/resume.py's business; this is the format.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch.distributed as dist
-
-from trainer.errors import UserError
 from trainer.files import atomic_write, fsync_tree
+from trainer.parallel import ParallelLayout
 from trainer.state import TrainerState, load_rng_states, save_rng_states
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 MARKER = "complete.json"
 UNIVERSAL = "universal"
@@ -46,26 +49,6 @@ def read_marker(path: Path) -> dict:
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under root, oldest first."""
     return sorted(p for p in root.glob("step_*") if (p / MARKER).is_file())
-
-
-def resume_point(resume: str, root: Path) -> Path | None:
-    """The checkpoint a run continues from: checkpoint.resume is auto, none or a checkpoint path."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        found = complete_checkpoints(root)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not path.is_dir():
-        raise UserError(f"checkpoint.resume: no such checkpoint directory: {path}")
-    if not (path / MARKER).is_file():
-        raise UserError(f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER}: its save was "
-                        f"interrupted); complete ones: {[p.name for p in complete_checkpoints(path.parent)]}")
-    newer = [p for p in complete_checkpoints(root) if p.name > path.name]
-    if newer:  # two timelines in one directory: auto and pruning would pick among them by step number
-        raise UserError(f"checkpoint.resume: {root} already holds newer checkpoints ({newer[-1].name}) than {path}; "
-                        f"resume from an older step into another run.output_dir, or delete the newer ones")
-    return path
 
 
 def ensure_universal(path: Path) -> Path:
@@ -94,26 +77,26 @@ def ensure_universal(path: Path) -> Path:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, keep_last: int):
-        self.root, self.keep_last = root, keep_last
+    def __init__(self, root: Path, keep_last: int, layout: ParallelLayout):
+        self.root, self.keep_last, self.layout = root, keep_last, layout
 
-    def save(self, engine, state: TrainerState, rank_extra: dict) -> Path:
-        rank, tag = dist.get_rank(), checkpoint_tag(state.optimizer_step)
+    def save(self, engine: DeepSpeedEngine, state: TrainerState, rank_extra: dict) -> Path:
+        rank, tag = self.layout.rank, checkpoint_tag(state.optimizer_step)
         path = self.root / tag
         if rank == 0 and path.exists():  # what a run killed while saving this same step left behind
             shutil.rmtree(path)
-        dist.barrier()
+        self.layout.barrier()
         # universal_checkpoint_info lets ds_to_universal convert ZeRO-1/2 checkpoints (ZeRO-3 does without)
         engine.save_checkpoint(str(self.root), tag=tag, save_latest=False, exclude_frozen_parameters=True,
                                client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
         save_rng_states(rank_file(path, rank), {**rank_extra, "rank": rank})
         fsync_tree(path)  # DeepSpeed does not fsync; the marker must never outlive the data it vouches for
-        dist.barrier()  # every rank's files are on disk
+        self.layout.barrier()  # every rank's files are on disk
         if rank == 0:
             marker = {**state.to_dict(), "tag": tag, "saved_at": time.time()}
             atomic_write(path / MARKER, (json.dumps(marker, indent=1) + "\n").encode())
             self.prune()
-        dist.barrier()  # nobody leaves (and maybe exits) before the checkpoint is complete
+        self.layout.barrier()  # nobody leaves (and maybe exits) before the checkpoint is complete
         return path
 
     def prune(self) -> None:
@@ -129,7 +112,8 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(engine, path: Path, universal: bool) -> tuple[TrainerState, dict | None]:
+def load_checkpoint(engine: DeepSpeedEngine, path: Path, universal: bool,
+                    rank: int) -> tuple[TrainerState, dict | None]:
     """Load DeepSpeed's state and the trainer's; restore this rank's RNG states when the number of ranks
     is unchanged. Returns the state and this rank's saved extras (None after a change of ranks)."""
     state = TrainerState.from_dict(read_marker(path))
@@ -140,4 +124,4 @@ def load_checkpoint(engine, path: Path, universal: bool) -> tuple[TrainerState, 
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     if universal:
         return state, None
-    return state, load_rng_states(rank_file(path, dist.get_rank()))
+    return state, load_rng_states(rank_file(path, rank))

@@ -7,26 +7,31 @@ for the frozen layers: the backward pass of a frozen linear is one matmul (the i
 its input needs no gradient (the embeddings; the first block's q/k/v). Gradient checkpointing recomputes each
 block's forward pass. Model FLOPs (what MFU divides by) leave the recomputation out.
 
-The activation estimate counts the tensors autograd keeps for backward, in units checked against diffusers'
-CogVideoXBlock (tests/test_costs.py traces them): per block and token, 8 hidden-wide tensors and one
-FF-wide (GELU's input) in the compute dtype, fp32 LayerNorm statistics, plus, for each LoRA target, its input
-(q/k/v share one) and its rank-wide LoRA-A output; with LoRA dropout, the dropped input and the mask instead of
-the input.
+The activation estimate counts the tensors autograd keeps for backward, in the units the family's structure
+gives (for CogVideoXBlock, checked against diffusers' own by tests/test_costs.py: per block and token, 8
+hidden-wide tensors and one FF-wide (GELU's input) in the compute dtype, fp32 LayerNorm statistics), plus, for
+each LoRA target, its input (the attention inputs share one) and its rank-wide LoRA-A output; with LoRA
+dropout, the dropped input and the mask instead of the input.
+
+The model itself comes from its family (trainer/families/): a weightless skeleton with the real peft adapter
+for the parameters and linears, and its TransformerStructure for where tokens flow.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from trainer.families.base import TransformerStructure
 from trainer.spec import LoraSection
 
-# Where a linear sits in a CogVideoXBlock, in execution order; which tokens a module outside the blocks sees.
-BLOCK_SLOTS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")
-PER_SAMPLE = ("norm1.linear", "norm2.linear")  # the timestep conditioning: one row per sample
+if TYPE_CHECKING:
+    from trainer.families.base import ModelFamily
 
 
 @dataclass(frozen=True)
@@ -96,35 +101,28 @@ class MemoryEstimate:
 
 
 class CostModel:
-    """Costs of one CogVideoX transformer config with one LoRA, built on a weightless (meta) skeleton."""
+    """Costs of one transformer config with one LoRA, counted on a weightless (meta) skeleton of it."""
 
-    def __init__(self, transformer_config: dict, lora: LoraSection):
-        from diffusers import CogVideoXTransformer3DModel
-
-        from trainer.model import lora_config
-
-        cfg = transformer_config
-        with torch.device("meta"):
-            skeleton = CogVideoXTransformer3DModel.from_config(cfg)
-            skeleton.add_adapter(lora_config(lora))
+    def __init__(self, family: ModelFamily, lora: LoraSection):
+        skeleton = family.transformer_from_config("meta", lora)
+        self.structure = structure = family.structure()
         self.params_lora = sum(p.numel() for p in skeleton.parameters() if p.requires_grad)
         self.params_frozen = sum(p.numel() for p in skeleton.parameters()) - self.params_lora
-        self.heads, self.head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
+        self.heads, self.head_dim = structure.heads, structure.head_dim
         self.hidden = self.heads * self.head_dim
-        self.layers, self.text_len = cfg["num_layers"], cfg["max_text_seq_length"]
-        self.patch, self.patch_t = cfg["patch_size"], cfg.get("patch_size_t") or 1
-        self.lora_dropout, self.rope = lora.dropout, bool(cfg.get("use_rotary_positional_embeddings"))
-        self.linears = _linears(skeleton)
-        self.ff_inner = next(m.fan_out for m in self.linears if m.name.endswith("ff.net.0.proj"))
-        blocks = [m for m in skeleton.modules() if type(m).__name__ == "CogVideoXBlock"]
+        self.layers, self.text_len = structure.layers, structure.text_tokens
+        self.lora_dropout = lora.dropout
+        self.linears = _linears(skeleton, structure)
+        first_ff = structure.after_attention[0]
+        self.ff_inner = next(m.fan_out for m in self.linears if m.name.endswith(first_ff))
+        blocks = [m for m in skeleton.modules() if type(m).__name__ == structure.block_class]
         self.block_params = max(sum(p.numel() for p in b.parameters() if not p.requires_grad) for b in blocks)
         self._frozen_sizes = [p.numel() for p in skeleton.parameters() if not p.requires_grad]
         self._flops: dict[tuple[int, ...], Flops] = {}
 
     def video_tokens(self, latent_shape: tuple[int, ...]) -> int:
-        """Latents [C, F, H, W] -> transformer tokens (CogVideoX 1.5 pads frames to a multiple of patch_size_t)."""
-        _, frames, height, width = latent_shape
-        return -(-frames // self.patch_t) * (height // self.patch) * (width // self.patch)
+        """Latents [C, F, H, W] -> transformer tokens."""
+        return self.structure.video_tokens(tuple(latent_shape))
 
     def _tokens(self, kind: str, video: int) -> int:
         return {"joint": video + self.text_len, "video": video, "text": self.text_len, "sample": 1}[kind]
@@ -143,7 +141,7 @@ class CostModel:
         forward = backward = recompute = 0.0
         for block, layers in self._by_block().items():
             block_forward = 0.0
-            for layer, needs_grad in _input_needs_grad(layers, upstream=bool(block)):
+            for layer, needs_grad in _input_needs_grad(layers, self.structure, upstream=bool(block)):
                 tokens = self._tokens(layer.tokens, video)
                 frozen = layer.flops_per_token * tokens
                 lora = 2 * tokens * layer.lora_rank * (layer.fan_in + layer.fan_out)
@@ -151,7 +149,7 @@ class CostModel:
                 lora_b_input = 2 * tokens * layer.lora_rank * layer.fan_out  # LoRA B's input always needs one
                 # a frozen layer: the input gradient only; LoRA: weight gradients, and input ones where needed
                 backward += (frozen + 2 * lora) if needs_grad else lora + lora_b_input
-                if layer.name.endswith("attn1.to_out.0"):  # attention sits between q/k/v and to_out
+                if layer.name.endswith(self.structure.attention_output):  # attention sits just before it
                     block_forward += attention
                     backward += 2 * attention if needs_grad else 0
             forward += block_forward
@@ -160,25 +158,28 @@ class CostModel:
 
     def _by_block(self) -> dict[int | None, list[LinearLayer]]:
         groups: dict[int | None, list[LinearLayer]] = {}
+        prefix = self.structure.block_prefix
         for layer in self.linears:
-            parts = layer.name.split(".")
-            block = int(parts[1]) if parts[0] == "transformer_blocks" else None
+            block = int(layer.name.removeprefix(prefix).split(".")[0]) if layer.name.startswith(prefix) else None
             groups.setdefault(block, []).append(layer)
         return groups
 
     def block_activation_bytes(self, latent_shape: tuple[int, ...], dtype_bytes: int) -> float:
         """Bytes autograd keeps for one block's backward pass, for one sample."""
+        st = self.structure
         seq = self.video_tokens(latent_shape) + self.text_len
-        block = seq * (dtype_bytes * (8 * self.hidden + self.ff_inner) + 8 * (2 + 2 * self.heads))
+        block = seq * (dtype_bytes * (st.saved_hidden_wide * self.hidden + st.saved_ff_wide * self.ff_inner)
+                       + st.saved_stats_bytes)
         inputs: dict[str, int] = {}
+        first = f"{st.block_prefix}0."
         for layer in self.linears:
-            if layer.lora_rank and layer.name.startswith("transformer_blocks.0."):
-                slot = layer.name.split(".", 2)[2]
+            if layer.lora_rank and layer.name.startswith(first):
+                slot = layer.name.removeprefix(first)
                 block += seq * dtype_bytes * layer.lora_rank
                 if self.lora_dropout:  # LoRA A keeps its dropped input instead, and dropout its mask (at most
                     block += seq * layer.fan_in * 2 * dtype_bytes  # as wide as the input: CPU; CUDA: bool)
-                else:
-                    inputs["qkv" if slot in BLOCK_SLOTS[:3] else slot] = layer.fan_in
+                else:  # the attention inputs read one tensor
+                    inputs["attention" if slot in st.attention_inputs else slot] = layer.fan_in
         return block + seq * dtype_bytes * sum(inputs.values())
 
     def saved_activation_bytes(self, latent_shape: tuple[int, ...], dtype_bytes: int, checkpointing: bool) -> float:
@@ -188,7 +189,7 @@ class CostModel:
         stream = seq * self.hidden * dtype_bytes  # the hidden states between blocks
         if checkpointing:  # each block's input, plus the embeddings and the final norm's input
             return (self.layers + 2) * stream
-        rope = self.video_tokens(latent_shape) * self.head_dim * 2 * 4 if self.rope else 0  # fp32 cos and sin
+        rope = self.video_tokens(latent_shape) * self.head_dim * 2 * 4 if self.structure.rope else 0  # fp32 cos, sin
         return stream + rope + self.layers * self.block_activation_bytes(latent_shape, dtype_bytes)
 
     def activation_bytes(self, latent_shape: tuple[int, ...], dtype_bytes: int, checkpointing: bool) -> float:
@@ -233,7 +234,7 @@ class CostModel:
         return est
 
 
-def _linears(skeleton: nn.Module) -> list[LinearLayer]:
+def _linears(skeleton: nn.Module, structure: TransformerStructure) -> list[LinearLayer]:
     """Every matmul layer of a LoRA-adapted skeleton: frozen base layers carry their LoRA's rank."""
     layers: dict[str, dict] = {}
     for name, module in skeleton.named_modules():
@@ -246,38 +247,44 @@ def _linears(skeleton: nn.Module) -> list[LinearLayer]:
             continue
         target = name.removesuffix(".base_layer")
         if isinstance(module, nn.Linear):
-            per_token, fan_in, fan_out = 2 * module.in_features * module.out_features, module.in_features, \
-                module.out_features
+            fan_in, fan_out = module.in_features, module.out_features
         else:  # the patch embedding: one output position per video token
             fan_in, fan_out = module.in_channels * math.prod(module.kernel_size), module.out_channels
-            per_token = 2 * fan_in * fan_out
-        layers.setdefault(target, {}).update(per_token=per_token, fan_in=fan_in, fan_out=fan_out)
-    return [LinearLayer(name, v["per_token"], _token_kind(name), v.get("rank", 0), v["fan_in"], v["fan_out"])
+        layers.setdefault(target, {}).update(per_token=2 * fan_in * fan_out, fan_in=fan_in, fan_out=fan_out)
+    return [LinearLayer(name, v["per_token"], _token_kind(name, structure), v.get("rank", 0), v["fan_in"], v["fan_out"])
             for name, v in layers.items()]
 
 
-def _token_kind(name: str) -> str:
-    if name.startswith("transformer_blocks."):
-        return "sample" if name.split(".", 2)[2] in PER_SAMPLE else "joint"
-    return {"patch_embed.proj": "video", "patch_embed.text_proj": "text", "proj_out": "video"}.get(name, "sample")
+def _slot(name: str, prefix: str) -> str:
+    """A linear's name within its block ("transformer_blocks.3.attn1.to_q" -> "attn1.to_q"); outside the blocks,
+    its name."""
+    return name.removeprefix(prefix).split(".", 1)[1] if name.startswith(prefix) else name
 
 
-def _input_needs_grad(layers: list[LinearLayer], upstream: bool):
+def _token_kind(name: str, structure: TransformerStructure) -> str:
+    if name.startswith(structure.block_prefix):
+        return "sample" if _slot(name, structure.block_prefix) in structure.per_sample else "joint"
+    return structure.outside.get(name, "sample")
+
+
+def _input_needs_grad(layers: list[LinearLayer], structure: TransformerStructure,
+                      upstream: bool) -> Iterator[tuple[LinearLayer, bool]]:
     """(layer, whether its input needs a gradient) in execution order: an input needs one when a LoRA weight
     lies upstream of it. ``upstream``: the block's input already does (every block after the first)."""
-    by_slot = {layer.name.split(".", 2)[2] if layer.name.startswith("transformer_blocks.") else layer.name: layer
-               for layer in layers}
+    by_slot = {_slot(layer.name, structure.block_prefix): layer for layer in layers}
     lora = {slot: by_slot[slot].lora_rank > 0 for slot in by_slot}
-    needs = {"attn1.to_q": upstream, "attn1.to_k": upstream, "attn1.to_v": upstream}
-    needs["attn1.to_out.0"] = upstream or any(lora.get(s, False) for s in BLOCK_SLOTS[:3])
-    after_attention = needs["attn1.to_out.0"] or lora.get("attn1.to_out.0", False)
-    needs["ff.net.0.proj"] = after_attention
-    needs["ff.net.2"] = after_attention or lora.get("ff.net.0.proj", False)
+    needs = dict.fromkeys(structure.attention_inputs, upstream)
+    out = structure.attention_output
+    needs[out] = upstream or any(lora.get(s, False) for s in structure.attention_inputs)
+    previous = out
+    for slot in structure.after_attention:  # a chain: each reads the one before
+        needs[slot] = needs[previous] or lora.get(previous, False)
+        previous = slot
     for slot, layer in by_slot.items():
         if slot in needs:
             yield layer, needs[slot]
-        else:  # conditioning and embeddings take no gradient; proj_out reads the trained stream
-            yield layer, slot == "proj_out"
+        else:  # conditioning and embeddings take no gradient; the output reads the trained stream
+            yield layer, slot in structure.trained_stream
 
 
 # Dense bf16 tensor-core peaks in TFLOP/s, by a piece of torch.cuda.get_device_name(); the first match wins.

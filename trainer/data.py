@@ -3,10 +3,10 @@
 Each epoch is one seeded permutation of every indexed sample (the same on every rank); samples are grouped
 into micro-batches of one latent shape in that order, and a shape's last partial micro-batch of the epoch is
 dropped. Every epoch therefore has the same number of micro-batches, and the run's micro-batches form one
-global sequence: micro-batch g of the run is epoch g // per_epoch, position g % per_epoch. Rank r of W takes
-g = start + k*W + r for its k-th micro-batch. The data position is the single number ``start`` (global
-micro-batches consumed = samples seen / micro batch size), so a resume on the same or another number of
-ranks continues the sequence without repeating or skipping a sample.
+global sequence: micro-batch g of the run is epoch g // per_epoch, position g % per_epoch. Data-parallel
+rank r of W (trainer/parallel.py) takes g = start + k*W + r for its k-th micro-batch. The data position is
+the single number ``start`` (global micro-batches consumed = samples seen / micro batch size), so a resume
+on the same or another number of ranks continues the sequence without repeating or skipping a sample.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from typing import NamedTuple
 import torch
 from braceexpand import braceexpand
 
+from trainer.dtypes import SAFETENSORS_FLOATS
 from trainer.errors import UserError
-from trainer.model import ModelShapes
-from trainer.rng import DATA_ORDER, derive_seed
-from trainer.shard_format import LATENTS, PROMPT_EMBEDS, ShardError, shard_samples
-from trainer.shard_index import FLOAT_DTYPES, Extent, SampleRef, ShardIndex, tensor_header
+from trainer.rng import Stream, derive_seed
+from trainer.shard_format import LATENTS, PROMPT_EMBEDS, SampleShapes, ShardError, shard_samples
+from trainer.shard_index import Extent, SampleRef, ShardIndex, tensor_header
 
 
 class Batch(NamedTuple):
@@ -71,7 +71,7 @@ def resolve_shards(shards: str | list[str], field: str = "data.shards") -> list[
     return list(dict.fromkeys(found))  # drop repeats, keep order
 
 
-def check_first_sample(shards: list[str], shapes: ModelShapes) -> None:
+def check_first_sample(shards: list[str], shapes: SampleShapes) -> None:
     """Data packed for another model fails here, before any work, whatever data.on_error says: the first
     readable sample must fit the model (single bad samples are the index's business)."""
     for shard in shards:
@@ -84,32 +84,32 @@ def check_first_sample(shards: list[str], shapes: ModelShapes) -> None:
             return
 
 
-def check_latent_scale(shards: list[str], model_dir: Path, field: str = "data.shards") -> None:
+def check_latent_scale(shards: list[str], ours: float | None, model_dir: Path, field: str = "data.shards") -> None:
     """Latents packed for another model's VAE can have the right shape and the wrong scale (CogVideoX-2B's
-    scaling_factor is 1.15, 5B's 0.7): refuse shards whose manifest.json names a different scaling_factor."""
-    vae_config = model_dir / "vae" / "config.json"
-    if not vae_config.is_file():
+    scaling_factor is 1.15, 5B's 0.7): refuse shards whose manifest.json names a scaling_factor other than
+    ``ours``, the model's (None: the model directory does not say)."""
+    if ours is None:
         return
-    ours = json.loads(vae_config.read_text()).get("scaling_factor")
     for folder in dict.fromkeys(Path(s).parent for s in shards):
         manifest = folder / "manifest.json"
         if not manifest.is_file():
             continue
         theirs = json.loads(manifest.read_text()).get("model", {}).get("vae", {}).get("scaling_factor")
-        if None not in (ours, theirs) and not math.isclose(ours, theirs, rel_tol=1e-6):
+        if theirs is not None and not math.isclose(ours, theirs, rel_tol=1e-6):
             raise UserError(f"{field}: {folder} was packed with a VAE scaling_factor of {theirs} "
                             f"({manifest}), but model.path's VAE has {ours}: these latents are for another model. "
                             f"Repack them with data_tools/shard.py --model {model_dir}")
 
 
 class MicroBatches:
-    """Micro-batch k of one rank; a pure function of (index, seed, micro batch, start, rank, world size)."""
+    """Micro-batch k of one data-parallel rank; a pure function of (index, seed, micro batch, start, data-parallel
+    rank and size)."""
 
     def __init__(self, index: ShardIndex, *, seed: int, micro_batch_size: int, start: int, rank: int,
-                 world_size: int, shapes: ModelShapes, pin_memory: bool = False):
+                 world_size: int, shapes: SampleShapes, pin_memory: bool = False):
         self.index, self.seed, self.micro_batch_size = index, seed, micro_batch_size
         self.start, self.rank, self.world_size = start, rank, world_size
-        self.prompt_shape = (shapes.text_len, shapes.text_dim)
+        self.prompt_shape = shapes.prompt_shape
         self.pin_memory = pin_memory  # batches are read straight into page-locked memory for async copies
         counts: dict[tuple, int] = defaultdict(int)
         for ref in index.samples:
@@ -126,7 +126,7 @@ class MicroBatches:
         with self._plans_lock:  # computed once, however many reader threads ask
             if epoch not in self._plans:
                 n = len(self.index.samples)
-                order = random.Random(derive_seed(self.seed, DATA_ORDER, epoch)).sample(range(n), n)
+                order = random.Random(derive_seed(self.seed, Stream.DATA_ORDER, epoch)).sample(range(n), n)
                 buckets: dict[tuple, list[int]] = defaultdict(list)
                 plan = []
                 for i in order:
@@ -149,7 +149,7 @@ class MicroBatches:
         latents = self._empty(refs, 0, refs[0].shape)
         prompts = self._empty(refs, 1, self.prompt_shape)
         valid, faults = [], []
-        for ref, lat, prompt in zip(refs, latents, prompts):
+        for ref, lat, prompt in zip(refs, latents, prompts, strict=True):
             try:
                 read_sample_into(self.index, ref, lat, prompt)
                 valid.append(True)
@@ -162,15 +162,15 @@ class MicroBatches:
         return Batch([r.key for r in refs], names, latents, prompts, torch.tensor(valid), faults, (epoch, j))
 
     def _empty(self, refs: list[SampleRef], member: int, shape: tuple[int, ...]) -> torch.Tensor:
-        dtype = functools.reduce(torch.promote_types, (FLOAT_DTYPES[r.dtypes[member]] for r in refs))
+        dtype = functools.reduce(torch.promote_types, (SAFETENSORS_FLOATS[r.dtypes[member]] for r in refs))
         return torch.empty((len(refs), *shape), dtype=dtype, pin_memory=self.pin_memory)
 
 
 def read_sample(index: ShardIndex, ref: SampleRef, prompt_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents, prompt embeddings) of one indexed sample, in their stored dtypes; a ShardError names shard and
     key."""
-    latents = torch.empty(ref.shape, dtype=FLOAT_DTYPES[ref.dtypes[0]])
-    prompt = torch.empty(prompt_shape, dtype=FLOAT_DTYPES[ref.dtypes[1]])
+    latents = torch.empty(ref.shape, dtype=SAFETENSORS_FLOATS[ref.dtypes[0]])
+    prompt = torch.empty(prompt_shape, dtype=SAFETENSORS_FLOATS[ref.dtypes[1]])
     read_sample_into(index, ref, latents, prompt)
     return latents, prompt
 
@@ -201,9 +201,9 @@ def _read_tensor(fd: int, extent: Extent, member: str, name: str, out: torch.Ten
     header = tensor_header(fd, extent, shard, key, member, name)
     if header.shape != tuple(out.shape):
         raise ShardError(shard, key, f"{name} changed shape since start-up: {list(header.shape)}")
-    stored = FLOAT_DTYPES[header.dtype]
+    stored = SAFETENSORS_FLOATS[header.dtype]
     target = out if stored == out.dtype else torch.empty(header.shape, dtype=stored)  # a batch of mixed dtypes
-    buffer = target.view(-1).view(torch.uint8).numpy()
+    buffer = target.view(-1).view(torch.uint8).numpy().data  # a memoryview of the tensor's bytes
     done = 0
     while done < header.size:  # pread may return less than asked
         try:
@@ -231,8 +231,12 @@ def streaming(dataset: MicroBatches, threads: int) -> Iterator[Iterator[Batch]]:
         return
     # page-locked memory is allocated under the rank's own GPU, never a context on GPU 0 from a new thread
     device = torch.cuda.current_device() if dataset.pin_memory else None
-    with ThreadPoolExecutor(threads, thread_name_prefix="loader",
-                            initializer=None if device is None else torch.cuda.set_device, initargs=(device,)) as pool:
+
+    def on_the_rank_gpu() -> None:
+        if device is not None:
+            torch.cuda.set_device(device)
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="loader", initializer=on_the_rank_gpu) as pool:
         ahead = deque(pool.submit(dataset.__getitem__, k) for k in range(2 * threads))  # keeps every thread busy
 
         def stream() -> Iterator[Batch]:

@@ -6,51 +6,26 @@ Per sample, with ᾱ = alphas_cumprod[t] from the model directory's scheduler co
 Because x̂0 − x0 = −√(1−ᾱ)·(v̂ − v), the weighted x0 loss is exactly mean((v̂ − v)²). We compute that form:
 it is the same number without the cancellation in x̂0 − x0 that the 1/(1−ᾱ) weight magnifies near t = 0,
 and it stays finite at the terminal timestep where ᾱ = 0. Everything here is fp32 (or the inputs' fp64).
+The schedule itself (ᾱ) is the model family's: its scheduler builds it (trainer/families/).
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from trainer.errors import UserError
-from trainer.rng import TIMESTEPS, derive_seed
-
-
-def _alphas_cumprod(config: dict) -> torch.Tensor:
-    # Reuse diffusers' own schedule construction so the trainer's ᾱ is the sampler's ᾱ, bit for bit.
-    from diffusers import CogVideoXDDIMScheduler
-
-    known = CogVideoXDDIMScheduler.from_config(config)
-    return known.alphas_cumprod.to(torch.float64)
+from trainer.rng import Stream, derive_seed
 
 
 @dataclass(frozen=True)
 class Objective:
-    alphas_cumprod: torch.Tensor  # [T], fp64; the trainer moves it to its device once (`to`)
+    alphas_cumprod: torch.Tensor  # [T], fp64 (the scheduler's, bit for bit); the trainer moves it to its device
 
     @property
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.numel()
-
-    @classmethod
-    def from_scheduler_config(cls, config: dict, source: str = "scheduler config") -> Objective:
-        prediction = config.get("prediction_type", "epsilon")
-        if prediction != "v_prediction":
-            raise UserError(f"{source}: prediction_type is {prediction!r}; CogVideoX training needs 'v_prediction'")
-        return cls(_alphas_cumprod(config))
-
-    @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> Objective:
-        path = Path(model_dir) / "scheduler" / "scheduler_config.json"
-        try:
-            config = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"model.path: {path} is missing (a CogVideoX directory has a scheduler/ folder)") from None
-        return cls.from_scheduler_config(config, str(path))
 
     def to(self, device: torch.device | str) -> Objective:
         """The same objective with ᾱ on `device`: indexing it there needs no host-device copy per step."""
@@ -73,9 +48,19 @@ class Objective:
         return alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
 
     def loss(self, v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Per-sample loss [B] (mean over elements), equal to the 1/(1−ᾱ)-weighted x0 loss; average it over the batch."""
+        """Per-sample loss [B] (mean over elements), equal to the 1/(1−ᾱ)-weighted x0 loss; average it over the
+        batch."""
         error = _upcast(v_pred) - self.velocity(x0, noise, t)
         return error.square().flatten(1).mean(dim=1)
+
+    def training_loss(self, model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                      x0: torch.Tensor, conditioning: torch.Tensor, t: torch.Tensor, generator: torch.Generator,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """One micro-step's per-sample loss [B]: noise x0 with fresh noise from ``generator``, ask
+        ``model(x_t in the compute dtype, conditioning, t)`` for v̂, compare with v in fp32."""
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+        v_pred = model(self.add_noise(x0, noise, t).to(dtype), conditioning, t)
+        return self.loss(v_pred, x0, noise, t)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +79,7 @@ def stratified_timesteps(seed: int, optimizer_step: int, global_batch: int, num_
     vector and takes its own slots (see ``stratified_slots``) without communicating. Drawn on the device
     itself: a host-to-device copy every step would make the host wait for the GPU.
     """
-    gen = torch.Generator(device=device).manual_seed(derive_seed(seed, TIMESTEPS, optimizer_step))
+    gen = torch.Generator(device=device).manual_seed(derive_seed(seed, Stream.TIMESTEPS, optimizer_step))
     offsets = torch.rand(global_batch, generator=gen, dtype=torch.float64, device=device)
     strata = (torch.arange(global_batch, dtype=torch.float64, device=device) + offsets) * (
         num_train_timesteps / global_batch)
@@ -109,12 +94,14 @@ def stratified_slots(micro_step: int, rank: int, world_size: int, micro_batch: i
 
 
 class TimestepSampler:
-    """Timesteps for one micro-batch, uniform per sample or stratified over the optimizer step's global batch."""
+    """Timesteps for one micro-batch, uniform per sample or stratified over the optimizer step's global batch.
+    ``rank`` and ``world_size`` are data-parallel (trainer/parallel.py): a sequence group shares its draws."""
 
     def __init__(self, kind: str, *, seed: int, rank: int, world_size: int, micro_batch: int, accumulation: int,
                  num_train_timesteps: int, generator: torch.Generator):
         self.kind, self.seed, self.rank, self.world_size = kind, seed, rank, world_size
-        self.micro_batch, self.accumulation, self.T, self.generator = micro_batch, accumulation, num_train_timesteps, generator
+        self.micro_batch, self.accumulation = micro_batch, accumulation
+        self.T, self.generator = num_train_timesteps, generator
         self._step_timesteps: tuple[int, torch.Tensor] | None = None  # the current optimizer step's global vector
 
     def __call__(self, optimizer_step: int, micro_step: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,8 +20,10 @@ from torch import nn
 from trainer.errors import UserError
 from trainer.spec import OptimSection, RunSpec
 
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def ds_config_path(spec: RunSpec) -> Path:
@@ -45,18 +48,19 @@ def load_base_config(path: Path) -> dict:
     return config
 
 
-def _spec_owned(spec: RunSpec, world_size: int) -> dict[str, tuple[object, str]]:
+def _spec_owned(spec: RunSpec, data_parallel: int) -> dict[str, tuple[object, str]]:
     """DeepSpeed keys the spec decides, with the value and the spec field that sets them."""
     micro, accum = spec.data.micro_batch_size, spec.train.gradient_accumulation_steps
     return {
         "train_micro_batch_size_per_gpu": (micro, "data.micro_batch_size"),
         "gradient_accumulation_steps": (accum, "train.gradient_accumulation_steps"),
-        "train_batch_size": (micro * accum * world_size, "data.micro_batch_size x ranks x accumulation"),
+        "train_batch_size": (micro * accum * data_parallel, "data.micro_batch_size x ranks x accumulation"),
         "gradient_clipping": (spec.train.max_grad_norm, "train.max_grad_norm"),
     }
 
 
-def assemble_config(spec: RunSpec, world_size: int) -> dict:
+def assemble_config(spec: RunSpec, data_parallel: int) -> dict:
+    """The DeepSpeed config of a run with ``data_parallel`` data-parallel ranks (trainer/parallel.py)."""
     path = ds_config_path(spec)
     config = load_base_config(path)
     errors = []
@@ -65,7 +69,7 @@ def assemble_config(spec: RunSpec, world_size: int) -> dict:
         errors.append(f"zero_optimization.stage is {stage!r}; this trainer runs ZeRO stage 2 or 3")
     elif spec.deepspeed.stage is not None and stage != spec.deepspeed.stage:
         errors.append(f"zero_optimization.stage is {stage} but deepspeed.stage is {spec.deepspeed.stage}")
-    for key, (value, field) in _spec_owned(spec, world_size).items():
+    for key, (value, field) in _spec_owned(spec, data_parallel).items():
         if key in config and config[key] != "auto" and config[key] != value:
             errors.append(f"{key} is {config[key]!r} but the spec gives {value!r} ({field})")
         config[key] = value
@@ -121,7 +125,7 @@ def init_distributed(timeout: timedelta) -> None:
     deepspeed.init_distributed(timeout=timeout)
 
 
-def build_engine(spec: RunSpec, module: nn.Module, config: dict):
+def build_engine(spec: RunSpec, module: nn.Module, config: dict) -> DeepSpeedEngine:
     import deepspeed
 
     multiplier = lr_multiplier(spec.optim, spec.train.max_steps)

@@ -9,6 +9,8 @@ exit statuses of launch/train.py.
     other non-zero: a crash
 """
 
+from __future__ import annotations
+
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
 EXIT_LOST_PEER = 4
@@ -16,4 +18,13 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later
 
 
 class UserError(Exception):
-    """A problem with the user's input; the message names the spec field, file, shard or sample key."""
+    """A problem with the user's input; the message names the spec field, file, shard or sample key.
+
+    ``on_every_rank``: every rank raises the same error at the same point (start-up decides the same on every
+    rank; a data fault under ``fail`` is shared), so one rank saying it is enough. Otherwise each rank that
+    raises it says so with its rank number."""
+
+    def __init__(self, message: str, *, on_every_rank: bool = False):
+        super().__init__(message)
+        self.on_every_rank = on_every_rank
+

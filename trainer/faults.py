@@ -14,11 +14,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from trainer.errors import EXIT_LOST_PEER, EXIT_NONFINITE, EXIT_PREEMPTED
+from trainer.parallel import ParallelLayout
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -35,12 +36,12 @@ class StopSignals:
     """Records the first stop signal (Python runs handlers in the main thread; the loader's reader threads and
     the watchdog keep running)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.received: int | None = None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: object) -> None:
         if self.received is None:
             self.received = signum
 
@@ -60,27 +61,26 @@ class StepDecision:
     readable: int  # samples of this step that could, over all ranks
 
 
-def decide(device: torch.device, stop_requested: bool, time_due_on_rank0: bool, data_faults: int,
-           readable: int) -> StepDecision:
+def decide(layout: ParallelLayout, device: torch.device, stop_requested: bool, time_due_on_rank0: bool,
+           data_faults: int, readable: int) -> StepDecision:
     """Every rank calls this after each optimizer step and gets the same answer (sums over ranks)."""
-    values = torch.tensor([stop_requested, time_due_on_rank0 and dist.get_rank() == 0, data_faults, readable],
+    values = torch.tensor([stop_requested, time_due_on_rank0 and layout.is_main, data_faults, readable],
                           dtype=torch.int64, device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    stop, time_due, faults, ok = values.tolist()  # sync point
+    stop, time_due, faults, ok = layout.all_reduce_sum(values).tolist()  # sync point
     return StepDecision(stop > 0, time_due > 0, faults, ok)
 
 
-def preempted(signum: int, optimizer_step: int, checkpoint) -> Stopped:
+def preempted(signum: int | None, optimizer_step: int, checkpoint: Path | None) -> Stopped:
     name = signal.Signals(signum).name if signum else "a stop signal"
     return Stopped(EXIT_PREEMPTED, f"stopped by {name} after optimizer step {optimizer_step}; checkpoint "
                    f"{checkpoint}. Run the same command again to resume (checkpoint.resume: auto).")
 
 
-def too_many_nonfinite(count: int, last_step: int, checkpoint) -> Stopped:
+def too_many_nonfinite(count: int, last_step: int, checkpoint: Path | None) -> Stopped:
     where = f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved"
     return Stopped(EXIT_NONFINITE, f"{count} optimizer steps in a row (up to step {last_step}) had a non-finite loss "
                    f"or gradient norm and were skipped; stopping ({where}). Lower optim.lr, check the data with "
-                   f"data_tools/inspect.py, or raise train.max_consecutive_nonfinite.")
+                   f"data_tools/inspect_shards.py, or raise train.max_consecutive_nonfinite.")
 
 
 class Watchdog:

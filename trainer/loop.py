@@ -11,25 +11,25 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from trainer.checkpoint import Checkpointer
 from trainer.data import Batch, MicroBatches, streaming
-from trainer.distributed import all_gather
 from trainer.errors import UserError
 from trainer.export import export_lora
-from trainer.faults import StepDecision, StopSignals, Watchdog, decide, preempted, too_many_nonfinite
-from trainer.metrics import T_BUCKETS, Interval, Reporter, duration
-from trainer.rng import NOISE, derive_seed
-from trainer.run_dir import SampleLog, check_shared
+from trainer.faults import StepDecision, StopSignals, decide, preempted, too_many_nonfinite
+from trainer.reporting.interval import T_BUCKETS, Interval
+from trainer.reporting.run_dir import SampleLog, open_run_dir
+from trainer.reporting.startup_table import print_startup
+from trainer.reporting.writers import Reporter, duration
+from trainer.rng import Stream, derive_seed
 from trainer.shard_format import ShardError
-from trainer.shard_index import ShardIndex
 from trainer.spec import RunSpec
-from trainer.startup import Plan, Run, build, describe, preflight
+from trainer.startup import Run, build, preflight
 from trainer.state import TrainerState
 
 
@@ -40,14 +40,18 @@ def train(spec: RunSpec) -> Path | None:
     plan = preflight(spec)
     try:
         run, index, state = build(spec, plan)
-        reporter = open_run_dir(run, plan, index, state)
+        reporter = open_run_dir(spec, run.layout, state, index)
     except UserError as exc:
         exc.on_every_rank = True  # start-up decides the same on every rank: one message is enough
         raise
+    print_startup(reporter, spec=spec, layout=run.layout, engine=run.engine, family=run.family, model=run.model,
+                  index=index, shards=len(plan.shards), state=state, resume=plan.resume,
+                  held_out=run.validation.loss_index if run.validation is not None else None)
     dataset = MicroBatches(index, seed=spec.run.seed, micro_batch_size=spec.data.micro_batch_size,
-                           start=state.micro_batches_consumed, rank=run.rank, world_size=dist.get_world_size(),
-                           shapes=plan.shapes, pin_memory=run.engine.device.type == "cuda")
-    loop = Loop(run, state, reporter, signals, dataset, last_checkpoint=plan.resume_from)
+                           start=state.micro_batches_consumed, rank=run.layout.data_rank,
+                           world_size=run.layout.data_size, shapes=plan.shapes,
+                           pin_memory=run.engine.device.type == "cuda")
+    loop = Loop(run, state, reporter, signals, dataset, last_checkpoint=plan.resume.checkpoint)
     loop.validate(state.optimizer_step)  # what a stop at the checkpoint's step left undone (nothing otherwise)
     with streaming(dataset, threads=spec.data.num_workers) as stream:
         for optimizer_step in range(state.optimizer_step + 1, spec.train.max_steps + 1):
@@ -55,70 +59,77 @@ def train(spec: RunSpec) -> Path | None:
     return loop.finish()
 
 
-def open_run_dir(run: Run, plan: Plan, index: ShardIndex, state: TrainerState) -> Reporter:
-    """Rank 0 writes the spec and cuts the logs back to the resumed step before any rank appends."""
-    spec, run_dir = run.spec, run.spec.run.dir
-    if run.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "spec.yaml").write_text(spec.to_yaml())
-        SampleLog.truncate_all(run_dir, state.optimizer_step)
-        if state.optimizer_step == 0:
-            state.data_errors = len(index.faults)
-    # a sync point (rank 0's writes above are done); an unshared directory is refused within half the timeout
-    check_shared(run_dir, run.rank, all_gather, patience_s=min(60.0, spec.run.collective_timeout_s / 2))
-    reporter = Reporter(run_dir, spec.train.max_steps, active=run.rank == 0, tensorboard=spec.logging.tensorboard,
-                        start_step=state.optimizer_step)
-    describe(run, plan, index, state, reporter)
-    return reporter
+@dataclass(frozen=True)
+class Actions:
+    """What an optimizer step does once its micro-steps are done, in this order."""
+
+    log: bool
+    give_up: bool  # too many non-finite steps in a row: stop, keeping the last complete checkpoint
+    validate: bool  # if validation is due (a stop saves at once instead; the resumed run validates)
+    save: bool
+    stop: bool  # a stop signal reached some rank: save and leave
+
+    def after_validation(self, stop: bool) -> Actions:
+        """A signal that came while validating is acted on now, not after another step."""
+        return replace(self, stop=stop, save=self.save or stop)
+
+
+def actions(spec: RunSpec, state: TrainerState, decision: StepDecision, optimizer_step: int) -> Actions:
+    """The step's decision: the same on every rank (``decision`` is shared, ``state`` advanced alike)."""
+    give_up = state.consecutive_nonfinite >= spec.train.max_consecutive_nonfinite
+    every_steps, every_minutes = spec.checkpoint.every_steps, spec.checkpoint.every_minutes
+    last = optimizer_step == spec.train.max_steps
+    periodic = decision.save_due_to_time or bool(every_steps and optimizer_step % every_steps == 0)
+    # no periodic save in a streak of skipped steps: the last good checkpoint stays the newest
+    periodic = periodic and not state.consecutive_nonfinite
+    save = decision.stop or periodic or (last and bool(every_steps or every_minutes))
+    log = optimizer_step % spec.logging.every_steps == 0 or last or save or give_up
+    return Actions(log=log, give_up=give_up, validate=not decision.stop, save=save, stop=decision.stop)
 
 
 class Loop:
-    """One optimizer step at a time: train, count, decide together, log, save, stop."""
+    """One optimizer step at a time: train, count, decide together, then log, validate, save or stop."""
 
     def __init__(self, run: Run, state: TrainerState, reporter: Reporter, signals: StopSignals,
                  dataset: MicroBatches, last_checkpoint: Path | None):
         self.run, self.spec, self.engine, self.state = run, run.spec, run.engine, state
         self.reporter, self.signals, self.dataset, self.last_checkpoint = reporter, signals, dataset, last_checkpoint
-        self.checkpointer = Checkpointer(self.spec.run.dir / "checkpoints", self.spec.checkpoint.keep_last)
-        self.samples = SampleLog(self.spec.run.dir, run.rank) if self.spec.logging.sample_keys else None
-        self.watchdog = Watchdog(self.spec.run.collective_timeout_s, run.rank)
-        run.heartbeat = self.watchdog.progress
-        self.interval = Interval(self.engine.device, run.objective.num_train_timesteps, dist.get_world_size(),
-                                 run.peak_tflops)
+        self.checkpointer = Checkpointer(self.spec.run.dir / "checkpoints", self.spec.checkpoint.keep_last, run.layout)
+        self.samples = SampleLog(self.spec.run.dir, run.layout.rank) if self.spec.logging.sample_keys else None
+        self.interval = Interval(self.engine.device, run.objective.num_train_timesteps, run.layout, run.peak_tflops)
         self.last_save, self.last_loss = time.monotonic(), float("nan")
         self.started, self.first_step = time.perf_counter(), state.optimizer_step
 
-    def step(self, stream, optimizer_step: int) -> None:
-        spec, state = self.spec, self.state
+    def step(self, stream: Iterator[Batch], optimizer_step: int) -> None:
         lr = self.engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on inside the step
         out = train_step(self.run, stream, optimizer_step)
         self.count(out, optimizer_step)
-        every_minutes = spec.checkpoint.every_minutes
+        every_minutes = self.spec.checkpoint.every_minutes
         time_due = every_minutes is not None and time.monotonic() - self.last_save >= 60 * every_minutes
-        decision = decide(self.engine.device, self.signals.received is not None, time_due, len(out.faults),
-                          out.readable)
+        decision = self.decide(time_due, len(out.faults), out.readable)
         self.check_data(out, decision, optimizer_step)
         self.reporter.advance(optimizer_step)
 
-        give_up = state.consecutive_nonfinite >= spec.train.max_consecutive_nonfinite  # the same on every rank
-        save = self.save_due(decision, optimizer_step)
-        last = optimizer_step == spec.train.max_steps
-        if optimizer_step % spec.logging.every_steps == 0 or last or save or give_up:
+        todo = actions(self.spec, self.state, decision, optimizer_step)
+        if todo.log:
             self.log(optimizer_step, lr)
-        if give_up:
+        if todo.give_up:
             self.reporter.close()
-            raise too_many_nonfinite(state.consecutive_nonfinite, optimizer_step, self.last_checkpoint)
+            raise too_many_nonfinite(self.state.consecutive_nonfinite, optimizer_step, self.last_checkpoint)
         paused = time.perf_counter()
-        if not decision.stop and self.validate(optimizer_step):  # a stop saves at once; the resume validates
-            # a signal that came while validating is acted on now, not after another step (a collective)
-            decision = decide(self.engine.device, self.signals.received is not None, False, 0, 0)
-            save = save or decision.stop
-        if save:
+        if todo.validate and self.validate(optimizer_step):
+            todo = todo.after_validation(self.decide(False, 0, 0).stop)
+        if todo.save:
             self.save(optimizer_step)
         self.interval.started += time.perf_counter() - paused  # the throughput is the training's alone
-        if decision.stop:
+        if todo.stop:
             self.reporter.close()
             raise preempted(self.signals.received, optimizer_step, self.last_checkpoint)
+
+    def decide(self, time_due: bool, data_faults: int, readable: int) -> StepDecision:
+        """The shared decision (a collective): stop signals, rank 0's clock, this step's data faults."""
+        return decide(self.run.layout, self.engine.device, self.signals.received is not None, time_due,
+                      data_faults, readable)
 
     def validate(self, optimizer_step: int) -> bool:
         """Validation due after this optimizer step and not yet done; returns whether it ran. Before the step's
@@ -128,7 +139,7 @@ class Loop:
             return False
         if not any(validation.due(optimizer_step)):
             return False
-        validation(self.run, optimizer_step, self.reporter, self.watchdog.progress)
+        validation(self.run, optimizer_step, self.reporter, self.run.heartbeat)
         self.state.validated_step = optimizer_step
         return True
 
@@ -140,7 +151,7 @@ class Loop:
         if self.samples is not None:
             self.samples.write(optimizer_step, out.batches)
         applied = self.engine.was_step_applied()  # DeepSpeed skips an update whose gradients are not finite
-        self.interval.add(out, applied)
+        self.interval.add(out.loss, out.buckets, out.tokens, out.flops, out.data_wait_s, applied)
         if applied:
             state.consecutive_nonfinite = 0
         elif nonfinite_step(self.run, out, optimizer_step, self.reporter):
@@ -156,14 +167,6 @@ class Loop:
         if state.consecutive_unreadable >= self.spec.train.max_consecutive_nonfinite:
             raise unreadable(state.consecutive_unreadable, out.faults)
 
-    def save_due(self, decision: StepDecision, optimizer_step: int) -> bool:
-        every_steps, every_minutes = self.spec.checkpoint.every_steps, self.spec.checkpoint.every_minutes
-        periodic = decision.save_due_to_time or bool(every_steps and optimizer_step % every_steps == 0)
-        # no periodic save in a streak of skipped steps: the last good checkpoint stays the newest
-        periodic = periodic and not self.state.consecutive_nonfinite
-        last = optimizer_step == self.spec.train.max_steps and bool(every_steps or every_minutes)
-        return decision.stop or periodic or last
-
     def log(self, optimizer_step: int, lr: float) -> None:
         values = self.interval.flush(self.engine.train_batch_size())
         self.last_loss = values["loss"]
@@ -173,20 +176,20 @@ class Loop:
             "data_errors": self.state.data_errors})
 
     def save(self, optimizer_step: int) -> None:
-        position = divmod(self.state.micro_batches_consumed + self.run.rank, self.dataset.per_epoch)  # next
-        self.watchdog.progress(f"the checkpoint save of optimizer step {optimizer_step}")
+        position = divmod(self.state.micro_batches_consumed + self.run.layout.data_rank, self.dataset.per_epoch)
+        self.run.heartbeat(f"the checkpoint save of optimizer step {optimizer_step}")
         self.last_checkpoint = self.checkpointer.save(self.engine, self.state,
-                                                      {"next_epoch_and_micro_batch": list(position)})
-        self.watchdog.progress(f"the checkpoint save of optimizer step {optimizer_step}")
+                                                      {"next_epoch_and_micro_batch": list(position)})  # the next
+        self.run.heartbeat(f"the checkpoint save of optimizer step {optimizer_step}")
         self.last_save = time.monotonic()
         self.reporter.event(optimizer_step, "checkpoint", f"saved {self.last_checkpoint}")
 
     def finish(self) -> Path | None:
         spec, run_dir = self.spec, self.spec.run.dir
-        self.watchdog.progress("the LoRA export")
-        lora_file = export_lora(self.run.model, run_dir / "lora", spec.to_yaml())
-        dist.barrier()  # nobody tears the process group down while rank 0 still writes the export
-        self.watchdog.stop()
+        self.run.heartbeat("the LoRA export")
+        lora_file = export_lora(self.run.model, self.run.family, self.run.layout, run_dir / "lora", spec.to_yaml())
+        self.run.layout.barrier()  # nobody tears the process group down while rank 0 still writes the export
+        self.run.watchdog.stop()
         self.reporter.close()
         self.summary(lora_file)
         return lora_file
@@ -222,36 +225,40 @@ class StepOutput:
     flops: float = 0.0  # model FLOPs this rank ran (trainer/costs.py: forward and backward, no recomputation)
     data_wait_s: float = 0.0  # time this rank waited for its micro-batches
 
+    def add(self, loss: torch.Tensor, accumulation: int, per_sample: torch.Tensor, valid: torch.Tensor,
+            t: torch.Tensor, num_train_timesteps: int) -> None:
+        """One micro-step's mean loss, and its samples' losses by timestep bucket."""
+        self.loss += loss / accumulation
+        self.micro_losses.append(loss)
+        bucket = (t * T_BUCKETS // num_train_timesteps).clamp(max=T_BUCKETS - 1)
+        self.buckets[0].index_add_(0, bucket, torch.where(valid, per_sample, 0.0).double())
+        self.buckets[1].index_add_(0, bucket, valid.double())
 
-def train_step(run: Run, stream, optimizer_step: int) -> StepOutput:
-    """One optimizer step. Noise and timesteps are seeded by (seed, rank, step): a resumed step draws the same."""
+
+def train_step(run: Run, stream: Iterator[Batch], optimizer_step: int) -> StepOutput:
+    """One optimizer step. Noise and timesteps are seeded by (seed, data-parallel rank, step): a resumed step
+    draws the same. The diffusion maths is the objective's; what is counted here, the loop's."""
     engine, device = run.engine, run.engine.device
     accumulation = run.spec.train.gradient_accumulation_steps
-    run.noise.manual_seed(derive_seed(run.spec.run.seed, NOISE, run.rank, optimizer_step))
+    run.noise.manual_seed(derive_seed(run.spec.run.seed, Stream.NOISE, run.layout.data_rank, optimizer_step))
     out = StepOutput(torch.zeros((), device=device), torch.zeros(2, T_BUCKETS, dtype=torch.float64, device=device))
     for micro_step in range(accumulation):
         waiting = time.perf_counter()
         batch = next(stream)
         out.data_wait_s += time.perf_counter() - waiting
-        x0 = run.model.pad_frames(batch.latents.to(device, non_blocking=True).float())
+        x0 = run.model.prepare_latents(batch.latents.to(device, non_blocking=True).float())
+        prompt = batch.prompt_embeds.to(device, non_blocking=True).to(run.dtype)  # cast on the device
         t = run.timesteps(optimizer_step, micro_step)
-        noise = torch.randn(x0.shape, generator=run.noise, device=device, dtype=torch.float32)
-        x_t = run.objective.add_noise(x0, noise, t).to(run.dtype)
-        v_pred = engine(x_t, batch.prompt_embeds.to(device, non_blocking=True).to(run.dtype), t)  # cast on the device
-        per_sample = run.objective.loss(v_pred, x0, noise, t)  # fp32
+        per_sample = run.objective.training_loss(engine, x0, prompt, t, run.noise, run.dtype)
         # a sample that could not be read stands in as zeros and contributes nothing
         valid = batch.valid.to(device, non_blocking=True)
         loss = torch.where(valid, per_sample, 0.0).mean()
         engine.backward(loss)
         engine.step()  # applies the clipped update only at the accumulation boundary
         run.heartbeat(f"micro-step {micro_step} of optimizer step {optimizer_step}")
-        out.loss += loss.detach() / accumulation
-        bucket = (t * T_BUCKETS // run.objective.num_train_timesteps).clamp(max=T_BUCKETS - 1)
-        out.buckets[0].index_add_(0, bucket, torch.where(valid, per_sample.detach(), 0.0).double())
-        out.buckets[1].index_add_(0, bucket, valid.double())
+        out.add(loss.detach(), accumulation, per_sample.detach(), valid, t, run.objective.num_train_timesteps)
         out.tokens += run.model.video_tokens(*x0.shape[2:]) * x0.shape[0]
         out.flops += run.costs.flops(batch.latents.shape[1:]).train * x0.shape[0]
-        out.micro_losses.append(loss.detach())
         out.batches.append(batch)
         out.faults.extend(batch.faults)
         out.readable += len(batch.keys) - len(batch.faults)
@@ -261,9 +268,9 @@ def train_step(run: Run, stream, optimizer_step: int) -> StepOutput:
 def nonfinite_step(run: Run, out: StepOutput, optimizer_step: int, reporter: Reporter) -> bool:
     """A skipped update: name the samples whose loss was not finite (on every rank). Returns whether it counts
     as a numerical fault; under fp16 a skip with finite losses is the loss scaler backing off, not a fault."""
-    bad = [f"{shard}:{key}" for loss, b in zip(torch.stack(out.micro_losses).tolist(), out.batches)
-           if not math.isfinite(loss) for shard, key in zip(b.shards, b.keys)]
-    everyone = [key for keys in all_gather(bad) for key in keys]
+    bad = [f"{shard}:{key}" for loss, b in zip(torch.stack(out.micro_losses).tolist(), out.batches, strict=True)
+           if not math.isfinite(loss) for shard, key in zip(b.shards, b.keys, strict=True)]
+    everyone = [key for keys in run.layout.all_gather(bad) for key in keys]
     if not everyone and run.spec.train.precision == "fp16":
         return False
     reporter.event(optimizer_step, "nonfinite", f"optimizer step {optimizer_step} skipped: non-finite "
@@ -275,7 +282,8 @@ def nonfinite_step(run: Run, out: StepOutput, optimizer_step: int, reporter: Rep
 def data_faults(run: Run, local: list[ShardError], optimizer_step: int, reporter: Reporter) -> None:
     """Samples that could not be read this step, on any rank: reported by rank 0, or under data.on_error=fail
     raised on every rank (the step in flight trained on zeros in their place; nothing is saved after it)."""
-    everyone = [ShardError(*f) for faults in all_gather([(f.shard, f.key, f.problem) for f in local]) for f in faults]
+    everyone = [ShardError(*f) for faults in run.layout.all_gather([(f.shard, f.key, f.problem) for f in local])
+                for f in faults]
     if run.spec.data.on_error == "fail":
         everyone[0].on_every_rank = True
         raise everyone[0]
@@ -284,8 +292,6 @@ def data_faults(run: Run, local: list[ShardError], optimizer_step: int, reporter
 
 
 def unreadable(steps: int, faults: list[ShardError]) -> UserError:
-    error = UserError(f"data.shards: no sample of the last {steps} optimizer steps could be read (the last: "
-                      f"{faults[0] if faults else 'on another rank'}); the shards changed or went bad after "
-                      f"start-up. Check them with data_tools/inspect.py")
-    error.on_every_rank = True
-    return error
+    return UserError(f"data.shards: no sample of the last {steps} optimizer steps could be read (the last: "
+                     f"{faults[0] if faults else 'on another rank'}); the shards changed or went bad after "
+                     f"start-up. Check them with data_tools/inspect_shards.py", on_every_rank=True)

@@ -1,24 +1,28 @@
 """`launch/train.py --spec run.yaml --dry-run`: what a run will cost, before any weights load or rank starts.
 
-Reads the spec, the transformer's config.json (and the VAE's, for pixel sizes) and the shards' manifest.json
-(or their first sample); prints tokens, parameters, FLOPs and memory per rank under ZeRO-2 and ZeRO-3.
+Reads the spec, the model directory's configs (its family sizes clips and counts the transformer) and the
+shards' manifest.json (or their first sample); prints tokens, parameters, FLOPs and memory per rank under
+ZeRO-2 and ZeRO-3.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-from rich import box
-from rich.console import Console
-from rich.table import Table
-
 from trainer.costs import CostModel, ZeroSettings
-from trainer.engine import COMPUTE_DTYPES, SHIPPED_CONFIGS, assemble_config, load_base_config
+from trainer.dtypes import PRECISIONS
+from trainer.engine import SHIPPED_CONFIGS, assemble_config, load_base_config
 from trainer.errors import UserError
-from trainer.model import read_transformer_config, resolve_model_dir
+from trainer.families import load_family
+from trainer.families.base import ModelFamily
+from trainer.parallel import ParallelLayout
+from trainer.reporting.tables import console as make_console
+from trainer.reporting.tables import print_table, table
 from trainer.spec import RunSpec
+
 
 def parse_video(text: str) -> tuple[int, int, int]:
     try:
@@ -28,19 +32,14 @@ def parse_video(text: str) -> tuple[int, int, int]:
     return frames, height, width
 
 
-def latent_shapes(spec: RunSpec, model_dir: Path, videos: list[str]) -> Counter:
+def latent_shapes(spec: RunSpec, family: ModelFamily, videos: list[str]) -> Counter[tuple[int, ...]]:
     """Latent shapes [C, F, H, W] to plan for, with their sample counts: --video sizes through the VAE's
     compression, else the shards' manifest.json buckets, else the first sample of the shards."""
+    shapes: Counter[tuple[int, ...]] = Counter()
     if videos:
-        from data_tools.encode import latent_geometry
-
-        channels, temporal, spatial = latent_geometry(model_dir)
-        shapes = Counter()
         for text in videos:
             frames, height, width = parse_video(text)
-            if (frames - 1) % temporal or height % spatial or width % spatial:
-                raise UserError(f"--video {text}: frames must be {temporal}k+1 and sides multiples of {spatial}")
-            shapes[(channels, (frames - 1) // temporal + 1, height // spatial, width // spatial)] = 1
+            shapes[family.latent_shape(frames, height, width, _named(f"--video {text}"))] = 1
         return shapes
     from trainer.data import resolve_shards
     from trainer.shard_format import ShardError, shard_samples
@@ -49,7 +48,6 @@ def latent_shapes(spec: RunSpec, model_dir: Path, videos: list[str]) -> Counter:
         shards = resolve_shards(spec.data.shards)
     except UserError as exc:
         raise UserError(f"{exc}\n  (to plan before packing, give the clip size: --video 49x480x720)") from None
-    shapes = Counter()
     for folder in dict.fromkeys(Path(s).parent for s in shards):
         manifest = folder / "manifest.json"
         if manifest.is_file():
@@ -70,7 +68,7 @@ def latent_shapes(spec: RunSpec, model_dir: Path, videos: list[str]) -> Counter:
 
 def zero_settings(spec: RunSpec, world_size: int) -> dict[int, ZeroSettings]:
     """The spec's own DeepSpeed config for its stage (first), the shipped one for the other stage."""
-    config = assemble_config(spec, world_size)
+    config = assemble_config(spec, ParallelLayout(world_size).data_size)
     ours = ZeroSettings.from_config(config, world_size)
     other = 3 if ours.stage == 2 else 2
     theirs = ZeroSettings.from_config(load_base_config(SHIPPED_CONFIGS / f"zero{other}.json"), world_size)
@@ -78,25 +76,23 @@ def zero_settings(spec: RunSpec, world_size: int) -> dict[int, ZeroSettings]:
 
 
 def dry_run(spec: RunSpec, world_size: int, videos: list[str]) -> None:
-    model_dir = resolve_model_dir(spec.model.path, weights=False)
-    costs = CostModel(read_transformer_config(model_dir), spec.lora)
-    shapes = latent_shapes(spec, model_dir, videos)
+    family = load_family(spec.model.path, weights=False)
+    costs = CostModel(family, spec.lora)
+    shapes = latent_shapes(spec, family, videos)
     micro, accumulation = spec.data.micro_batch_size, spec.train.gradient_accumulation_steps
-    dtype_bytes = COMPUTE_DTYPES[spec.train.precision].itemsize
+    dtype_bytes = PRECISIONS[spec.train.precision].itemsize
     checkpointing = spec.model.gradient_checkpointing
-    console = Console()
-    if not console.is_terminal:
-        console.width = 160
+    console = make_console()
     console.rule("resolved spec")
     console.print(spec.to_yaml(), markup=False, highlight=False)
-    rows = [("model", f"{model_dir} (config only)"),
+    rows = [("model", f"{family.model_dir} (config only: {family.describe()})"),
             ("parameters", f"{costs.params_frozen:,} frozen + {costs.params_lora:,} LoRA trainable "
                            f"({100 * costs.params_lora / costs.params_frozen:.2f}%; rank {spec.lora.rank} on "
                            f"{', '.join(spec.lora.target_modules)})"),
             ("batch", f"micro {micro} x accumulation {accumulation} x {world_size} rank(s) = "
                       f"{micro * accumulation * world_size} samples per optimizer step"),
             ("ranks", f"{world_size} (--ranks N plans for another number)")]
-    _table(console, "run", rows)
+    print_table(console, "run", rows)
 
     largest = max(shapes, key=costs.video_tokens)
     flops_rows = []
@@ -109,29 +105,30 @@ def dry_run(spec: RunSpec, world_size: int, videos: list[str]) -> None:
                            f"training {_flop(flops.train)} (LoRA: no frozen weight gradients), "
                            f"{_flop(flops.train_checkpointed)} with gradient checkpointing"
                            f"{' (on)' if checkpointing else ' (off)'}"))
-    _table(console, "per sample", [(a, f"{b}\n{c}") for a, b, c in flops_rows])
+    print_table(console, "per sample", [(a, f"{b}\n{c}") for a, b, c in flops_rows])
 
     console.print(f"[bold]memory per rank[/bold], MiB, for {micro} sample(s) of latents "
                   f"{'x'.join(map(str, largest))} at {spec.train.precision} (the largest shape)")
     settings = zero_settings(spec, world_size)
     estimates = {(stage, ckpt): costs.memory(largest, micro, zero, dtype_bytes, ckpt)
                  for stage, zero in settings.items() for ckpt in (False, True)}
-    table = Table(box=box.SIMPLE, show_header=True)
-    table.add_column("", style="bold")
-    for stage in (2, 3):
-        for ckpt in (False, True):
-            mark = " *" if stage == next(iter(settings)) and ckpt == checkpointing else ""  # the spec's own
-            table.add_column(f"ZeRO-{stage}\ncheckpointing {'on' if ckpt else 'off'}{mark}", justify="right")
-    parts = list(dict.fromkeys(k for est in estimates.values() for k in est.parts))
-    for part in parts:
-        table.add_row(part, *[_mib(estimates[(s, c)].parts.get(part)) for s in (2, 3) for c in (False, True)])
-    table.add_row("total", *[_mib(estimates[(s, c)].total) for s in (2, 3) for c in (False, True)], style="bold")
-    host = list(dict.fromkeys(k for est in estimates.values() for k in est.host))
-    for part in host:
-        table.add_row(f"{part} (host)", *[_mib(estimates[(s, c)].host.get(part)) for s in (2, 3) for c in (False, True)])
-    console.print(table)
+    columns = [(stage, ckpt) for stage in (2, 3) for ckpt in (False, True)]
+    memory = table(header=[""] + [f"ZeRO-{stage}\ncheckpointing {'on' if ckpt else 'off'}"
+                                  + (" *" if stage == next(iter(settings)) and ckpt == checkpointing else "")
+                                  for stage, ckpt in columns])  # * the spec's own
+    for part in dict.fromkeys(k for est in estimates.values() for k in est.parts):
+        memory.add_row(part, *[_mib(estimates[col].parts.get(part)) for col in columns])
+    memory.add_row("total", *[_mib(estimates[col].total) for col in columns], style="bold")
+    for part in dict.fromkeys(k for est in estimates.values() for k in est.host):
+        memory.add_row(f"{part} (host)", *[_mib(estimates[col].host.get(part)) for col in columns])
+    console.print(memory)
     console.print("* this spec. Not counted: the framework's own buffers and the allocator's slack (on a GPU, "
                   "CUDA context and caching: leave 10-20%).")
+
+
+def _named(label: str) -> Callable[[str], str]:
+    """Every option of a --video size is that size."""
+    return lambda name: label
 
 
 def _mib(value: float | None) -> str:
@@ -143,12 +140,3 @@ def _flop(value: float) -> str:
         if value >= scale:
             return f"{value / scale:,.2f} {unit}"
     return f"{value:,.0f} FLOP"
-
-
-def _table(console: Console, title: str, rows: list[tuple[str, str]]) -> None:
-    table = Table(title=title, title_justify="left", title_style="bold", show_header=False, box=box.SIMPLE)
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column(overflow="fold")
-    for name, value in rows:
-        table.add_row(name, value)
-    console.print(table)

@@ -5,7 +5,8 @@
     <key>.json                       {"caption", "source", "fps", "num_frames", "height", "width"}
 
 Writers (data_tools/) call ``encode_sample``; tools read whole shards with ``shard_samples``. The trainer reads
-samples by offset (trainer/shard_index.py, trainer/data.py).
+samples by offset (trainer/shard_index.py, trainer/data.py). ``SampleShapes`` is what a model demands of every
+sample (its family fills it in from the model's config).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import webdataset as wds
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-import webdataset as wds
 
 from trainer.errors import UserError
 
@@ -39,6 +40,38 @@ class ShardError(UserError):
 
     def __reduce__(self):  # crosses between ranks intact (the index's faults are all-gathered)
         return ShardError, (self.shard, self.key, self.problem)
+
+
+@dataclass(frozen=True)
+class SampleShapes:
+    """What every sample must fit, from the model's config before any weights are loaded."""
+
+    latent_channels: int
+    text_len: int
+    text_dim: int
+    patch_size: int  # latent height and width must be multiples of it
+    source: str  # the config file the numbers come from, and the names it gives them, for messages
+    channels_key: str
+    text_keys: str
+
+    @property
+    def prompt_shape(self) -> tuple[int, int]:
+        return self.text_len, self.text_dim
+
+    def check(self, shard: str, key: str, latents: tuple[int, ...], prompt_embeds: tuple[int, ...]) -> None:
+        """Raise a ShardError naming shard and key if a sample of these shapes cannot train this model."""
+        if len(latents) != 4:
+            raise ShardError(shard, key, f"latents have shape {list(latents)}, expected [C, F, H, W]")
+        c, _, h, w = latents
+        if c != self.latent_channels:
+            raise ShardError(shard, key, f"latents have {c} channels but the model ({self.source}) expects "
+                             f"{self.channels_key}={self.latent_channels}: were they encoded with this model's VAE?")
+        if h % self.patch_size or w % self.patch_size:
+            raise ShardError(shard, key, f"latent height x width {h}x{w} is not divisible by the "
+                             f"model's patch_size {self.patch_size}")
+        if tuple(prompt_embeds) != self.prompt_shape:
+            raise ShardError(shard, key, f"prompt embeddings are {list(prompt_embeds)} but the model "
+                             f"({self.source}) expects {list(self.prompt_shape)} ({self.text_keys})")
 
 
 @dataclass

@@ -15,16 +15,13 @@ import os
 import re
 import struct
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-import torch
+from trainer.dtypes import SAFETENSORS_FLOATS
+from trainer.shard_format import LATENTS, MEMBERS, PROMPT_EMBEDS, SampleShapes, ShardError
 
-from trainer.model import ModelShapes
-from trainer.shard_format import LATENTS, MEMBERS, PROMPT_EMBEDS, ShardError
-
-FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 _KEY_AND_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's split: key up to the first dot
 
@@ -76,9 +73,9 @@ def tensor_header(fd: int, extent: Extent, shard: str, key: str, member: str, na
         raise ShardError(shard, key, f"{member} is not a valid safetensors blob (data offsets {start}, {end})")
     if 8 + length + end > extent.size or len(head) < 8 + length:
         raise ShardError(shard, key, f"{member} is truncated")
-    if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
-        raise ShardError(shard, key, f"{name} has dtype {dtype}, expected one of {sorted(FLOAT_DTYPES)}")
-    if end - start != math.prod(shape) * FLOAT_DTYPES[dtype].itemsize:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_FLOATS:
+        raise ShardError(shard, key, f"{name} has dtype {dtype}, expected one of {sorted(SAFETENSORS_FLOATS)}")
+    if end - start != math.prod(shape) * SAFETENSORS_FLOATS[dtype].itemsize:
         raise ShardError(shard, key, f"{member} is not a valid safetensors blob ({end - start} bytes of data "
                                      f"for {name} of shape {list(shape)} in {dtype})")
     return TensorHeader(shape, dtype, extent.offset + 8 + length + start, end - start)
@@ -97,7 +94,8 @@ def _pread(fd: int, size: int, offset: int, shard: str, key: str) -> bytes:
 
 def _member_groups(path: str) -> Iterator[tuple[str, dict[str, Extent]]]:
     """(key, {member: extent}) for each group of consecutive members sharing a key, in tar order."""
-    key, members = None, {}
+    key: str | None = None
+    members: dict[str, Extent] = {}
     try:
         size = Path(path).stat().st_size
         with tarfile.open(path, "r:") as tar:
@@ -119,7 +117,7 @@ def _member_groups(path: str) -> Iterator[tuple[str, dict[str, Extent]]]:
         yield key, members
 
 
-def index_shard(path: str, shard_id: int, shapes: ModelShapes) -> tuple[list[SampleRef], list[ShardError]]:
+def index_shard(path: str, shard_id: int, shapes: SampleShapes) -> tuple[list[SampleRef], list[ShardError]]:
     """The usable samples of one shard and the problems found. A tar that breaks off keeps the complete
     samples before the break; a group whose members are truncated, missing or mis-shaped is left out."""
     refs: list[SampleRef] = []
@@ -180,8 +178,9 @@ class ShardIndex(NamedTuple):
         return digest.hexdigest()[:16]
 
 
-def build_index(shards: list[str], shapes: ModelShapes, rank: int = 0, world_size: int = 1, gather=None) -> ShardIndex:
-    """Each rank reads the headers of every world_size-th shard; ``gather`` (all_gather_object) joins them."""
+def build_index(shards: list[str], shapes: SampleShapes, rank: int = 0, world_size: int = 1,
+                gather: Callable[[Any], list[Any]] | None = None) -> ShardIndex:
+    """Each rank reads the headers of every world_size-th shard; ``gather`` (all ranks' objects) joins them."""
     mine = [(i, path) for i, path in enumerate(shards) if i % world_size == rank]
     parts = [index_shard(path, i, shapes) for i, path in mine]
     if gather is not None:

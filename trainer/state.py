@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.rng import GLOBAL_RNG, derive_seed
+from trainer.rng import Stream, derive_seed
 
 
 @dataclass
@@ -54,7 +54,7 @@ class TrainerState:
 
 def seed_global_rngs(seed: int, rank: int, optimizer_step: int = 0) -> None:
     """Fresh, rank-distinct global generators (also after a resume on another number of ranks)."""
-    value = derive_seed(seed, GLOBAL_RNG, rank, optimizer_step)
+    value = derive_seed(seed, Stream.GLOBAL_RNG, rank, optimizer_step)
     random.seed(value)
     np.random.seed(value % 2**32)
     torch.manual_seed(value)  # seeds the CPU and every CUDA device
@@ -63,7 +63,9 @@ def seed_global_rngs(seed: int, rank: int, optimizer_step: int = 0) -> None:
 def save_rng_states(path: Path, extra: dict | None = None) -> None:
     """This rank's torch (CPU, CUDA), numpy and python generator states, plus ``extra`` as JSON metadata."""
     version, py_state, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    legacy = np.random.get_state()
+    assert isinstance(legacy, tuple), "numpy's legacy generator state"
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = legacy
     tensors = {
         "torch_cpu": torch.get_rng_state(),
         "python": torch.tensor(py_state, dtype=torch.int64),

@@ -17,33 +17,47 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from trainer.data import check_first_sample, check_latent_scale, read_sample, resolve_shards
-from trainer.distributed import all_gather
+from trainer.diffusion import Objective
 from trainer.errors import UserError
 from trainer.export import export_lora
+from trainer.families.base import ModelFamily, SampleSettings, VideoModel
 from trainer.media import read_mp4, write_mp4
-from trainer.metrics import Reporter
-from trainer.model import ModelShapes
-from trainer.rng import VALIDATION_NOISE, derive_seed
-from trainer.sampling import (SampleSettings, check_settings, encode_prompts, generate, load_pipeline, video_names,
-                              write_prompt_list)
-from trainer.shard_format import ShardError
+from trainer.parallel import ParallelLayout
+from trainer.reporting.writers import Reporter
+from trainer.rng import Stream, derive_seed
+from trainer.sampling import encode_prompts, video_names, write_prompt_list
+from trainer.shard_format import SampleShapes, ShardError
 from trainer.shard_index import ShardIndex, build_index
 from trainer.spec import RunSpec
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 Heartbeat = Callable[[str], None]
 
 
-def preflight_validation(spec: RunSpec, model_dir: Path, shapes: ModelShapes) -> list[str]:
+class Training(Protocol):
+    """What validation reads of the run (trainer/startup.py's Run)."""
+
+    engine: DeepSpeedEngine
+    model: VideoModel
+    family: ModelFamily
+    layout: ParallelLayout
+    objective: Objective
+    dtype: torch.dtype
+
+
+def preflight_validation(spec: RunSpec, family: ModelFamily, shapes: SampleShapes) -> list[str]:
     """Check the validation section against the model directory; returns the held-out shards (maybe none)."""
     section = spec.validation
     if section.prompts:
-        check_settings(SampleSettings.from_section(section), model_dir)
+        family.check_sampling(SampleSettings.from_section(section), lambda name: f"validation.{name}")
     if section.loss.shards is None:
         return []
     shards = resolve_shards(section.loss.shards, "validation.loss.shards")
@@ -51,7 +65,7 @@ def preflight_validation(spec: RunSpec, model_dir: Path, shapes: ModelShapes) ->
         check_first_sample(shards, shapes)
     except ShardError as exc:
         raise UserError(f"validation.loss.shards: {exc}") from None
-    check_latent_scale(shards, model_dir, "validation.loss.shards")
+    check_latent_scale(shards, family.latent_scale(), family.model_dir, "validation.loss.shards")
     return shards
 
 
@@ -61,7 +75,7 @@ def loss_timesteps(count: int, num_train_timesteps: int) -> list[int]:
 
 
 @contextmanager
-def evaluating(engine) -> Iterator[None]:
+def evaluating(engine: DeepSpeedEngine) -> Iterator[None]:
     """Eval mode, no gradients, torch's own linear, and every generator restored afterwards: validation leaves
     no trace in training, and computes what diffusers computes from the exported LoRA."""
     training = engine.module.training
@@ -78,7 +92,7 @@ def evaluating(engine) -> Iterator[None]:
 
 
 @contextmanager
-def zero3_forward_passes(run) -> Iterator[None]:
+def zero3_forward_passes(run: Training) -> Iterator[None]:
     """The pipeline calls the transformer below the engine's root module, whose forward hook tells ZeRO-3's
     parameter prefetcher that a new pass begins (reset_step). Say it before each of the transformer's forward
     passes, so the prefetcher traces a sampling pass as it traces an evaluation through the engine, instead of
@@ -117,16 +131,15 @@ def torch_linear() -> Iterator[None]:
 @dataclass
 class Validation:
     spec: RunSpec
-    model_dir: Path
     prompt_embeds: torch.Tensor | None  # [P, L, D] on the CPU, encoded once at start-up
     negative_embeds: torch.Tensor | None  # [L, D]
     loss_index: ShardIndex | None
     prompt_shape: tuple[int, int]  # what stands in for a held-out sample that cannot be read
-    pipe: object = None  # the CogVideoXPipeline, built at the first sampling
+    pipe: Any = None  # the family's pipeline, built at the first sampling
 
     @classmethod
-    def prepare(cls, spec: RunSpec, model_dir: Path, shapes: ModelShapes, loss_shards: list[str], rank: int,
-                world_size: int, gather) -> Validation | None:
+    def prepare(cls, spec: RunSpec, family: ModelFamily, shapes: SampleShapes, loss_shards: list[str],
+                layout: ParallelLayout) -> Validation | None:
         """At start-up, before the transformer is loaded: the prompts are encoded with the model directory's T5,
         which is freed again (training never holds T5), and the ranks index the held-out shards together."""
         section = spec.validation
@@ -136,12 +149,13 @@ class Validation:
         if section.prompts:
             # every rank encodes for itself: nobody waits in a collective while another loads T5 (minutes for
             # T5-XXL from a network filesystem), and a rank that cannot load it fails on its own
-            encoded = encode_prompts(model_dir, [*section.prompts, section.negative_prompt])
+            encoded = encode_prompts(family, [*section.prompts, section.negative_prompt])
             embeds, negative = encoded[:-1], encoded[-1]
-        index = build_index(loss_shards, shapes, rank, world_size, gather=gather) if loss_shards else None
+        index = build_index(loss_shards, shapes, layout.rank, layout.world_size,
+                            gather=layout.all_gather) if loss_shards else None
         if index is not None and not index.samples:
             raise UserError(f"validation.loss.shards: no usable sample ({index.faults[0] if index.faults else ''})")
-        return cls(spec, model_dir, embeds, negative, index, (shapes.text_len, shapes.text_dim))
+        return cls(spec, embeds, negative, index, shapes.prompt_shape)
 
     def due(self, optimizer_step: int) -> tuple[bool, bool]:  # the same on every rank
         """(sample videos, compute the loss) after this optimizer step: every N steps and at the end."""
@@ -153,7 +167,7 @@ class Validation:
         return bool(section.prompts) and at(section.every_steps), self.loss_index is not None and at(
             section.loss.every_steps)
 
-    def __call__(self, run, optimizer_step: int, reporter: Reporter, heartbeat: Heartbeat) -> None:
+    def __call__(self, run: Training, optimizer_step: int, reporter: Reporter, heartbeat: Heartbeat) -> None:
         videos, loss = self.due(optimizer_step)
         if not (videos or loss):
             return
@@ -163,12 +177,13 @@ class Validation:
             if videos:
                 self.videos(run, optimizer_step, reporter, heartbeat)
 
-    def loss(self, run, optimizer_step: int, reporter: Reporter, heartbeat: Heartbeat) -> dict[str, float]:
+    def loss(self, run: Training, optimizer_step: int, reporter: Reporter, heartbeat: Heartbeat) -> dict[str, float]:
         """The held-out loss at fixed timesteps, with noise fixed per sample (by its place in the held-out
         index, so the ranks' split does not matter): the same weights always give the same number."""
         section, engine, device = self.spec.validation.loss, run.engine, run.engine.device
+        assert self.loss_index is not None, "no validation.loss.shards"
         refs = self.loss_index.samples[:section.max_samples]
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank, world = run.layout.data_rank, run.layout.data_size
         timesteps = torch.tensor(loss_timesteps(section.timesteps, run.objective.num_train_timesteps), device=device)
         sums = torch.zeros(len(timesteps) + 1, dtype=torch.float64, device=device)  # per timestep, then samples
         faults = []
@@ -181,35 +196,36 @@ class Validation:
             except ShardError as exc:
                 faults.append(str(exc))
                 latents, prompt, weight = torch.zeros(ref.shape), torch.zeros(self.prompt_shape), 0.0
-            x0 = run.model.pad_frames(latents[None].to(device).float())
+            x0 = run.model.prepare_latents(latents[None].to(device).float())
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(
-                derive_seed(self.spec.validation.seed, VALIDATION_NOISE, i)), dtype=torch.float32).to(device)
+                derive_seed(self.spec.validation.seed, Stream.VALIDATION_NOISE, i)), dtype=torch.float32).to(device)
             embeds = prompt[None].to(device, run.dtype)
             for k, t in enumerate(timesteps[:, None]):  # batches of one: the number does not depend on the spec
                 v_pred = engine(run.objective.add_noise(x0, noise, t).to(run.dtype), embeds, t)
                 sums[k] += weight * run.objective.loss(v_pred, x0, noise, t)[0]
             sums[-1] += weight
             heartbeat(f"the validation loss of optimizer step {optimizer_step}")
-        dist.all_reduce(sums)  # a sync point
-        for problem in dict.fromkeys(f for found in all_gather(faults) for f in found):  # padding re-reads one
+        run.layout.all_reduce_sum(sums)  # a sync point
+        # once each: a rank's padding pass re-reads a sample another rank read
+        for problem in dict.fromkeys(f for found in run.layout.all_gather(faults) for f in found):
             reporter.event(optimizer_step, "data_error", f"validation loss: skipping {problem}")
         if not sums[-1]:  # the same on every rank
-            error = UserError(f"validation.loss.shards: none of the {len(refs)} held-out samples could be read "
-                              f"at optimizer step {optimizer_step}; check them with data_tools/inspect.py")
-            error.on_every_rank = True
-            raise error
+            raise UserError(f"validation.loss.shards: none of the {len(refs)} held-out samples could be read at "
+                            f"optimizer step {optimizer_step}; check them with data_tools/inspect_shards.py",
+                            on_every_rank=True)
         per_t = (sums[:-1] / sums[-1]).tolist()
         values = {"val_loss": sum(per_t) / len(per_t),
-                  **{f"val_loss_t{t:03d}": v for t, v in zip(timesteps.tolist(), per_t)}}
+                  **{f"val_loss_t{t:03d}": v for t, v in zip(timesteps.tolist(), per_t, strict=True)}}
         reporter.log_validation(optimizer_step, values)
         return values
 
-    def videos(self, run, optimizer_step: int, reporter: Reporter, heartbeat: Heartbeat) -> Path:
+    def videos(self, run: Training, optimizer_step: int, reporter: Reporter, heartbeat: Heartbeat) -> Path:
         """An mp4 per prompt under samples/step_N/ (each rank writes its own prompts), the LoRA that made them,
         and an animated GIF per prompt in TensorBoard (rank 0 reads the files back)."""
         section, settings = self.spec.validation, SampleSettings.from_section(self.spec.validation)
         out = self.spec.run.dir / "samples" / f"step_{optimizer_step:06d}"
-        rank, world, prompts = dist.get_rank(), dist.get_world_size(), section.prompts
+        rank, world, prompts = run.layout.data_rank, run.layout.data_size, section.prompts
+        assert self.prompt_embeds is not None and self.negative_embeds is not None, "no validation.prompts"
         files = [out / name for name in video_names(prompts)]
         started = time.perf_counter()
         pipe = self.pipeline(run)
@@ -217,17 +233,21 @@ class Validation:
         with zero3_forward_passes(run):
             for first in range(0, math.ceil(len(prompts) / world) * world, world):
                 i = first + rank
-                real = i < len(prompts)
-                frames = generate(pipe, self.prompt_embeds[min(i, len(prompts) - 1)], self.negative_embeds,
-                                  settings, on_step=lambda s: heartbeat(f"validation sampling step {s} of optimizer "
-                                                                        f"step {optimizer_step}"), decode=real)
-                if real:
+                embeds = self.prompt_embeds[min(i, len(prompts) - 1)]
+
+                def on_step(s: int) -> None:
+                    heartbeat(f"validation sampling step {s} of optimizer step {optimizer_step}")
+
+                if i < len(prompts):
+                    frames = run.family.generate(pipe, embeds, self.negative_embeds, settings, on_step)
                     write_mp4(files[i], frames, settings.fps)
+                else:  # the same transformer passes as the other ranks (ZeRO-3 gathers), nothing kept
+                    run.family.denoise(pipe, embeds, self.negative_embeds, settings, on_step)
         pipe.vae.to("cpu")  # the device's memory is the training's again
         if section.save_lora:
-            export_lora(run.model, out / "lora", self.spec.to_yaml())  # a collective
-        dist.barrier()  # every rank's videos are on disk: a sync point
-        if rank == 0:
+            export_lora(run.model, run.family, run.layout, out / "lora", self.spec.to_yaml())  # a collective
+        run.layout.barrier()  # every rank's videos are on disk: a sync point
+        if run.layout.is_main:
             write_prompt_list(out, prompts, settings.seed)
         if reporter.tensorboard:  # rank 0 only
             for path in files:
@@ -236,8 +256,8 @@ class Validation:
                        f"({time.perf_counter() - started:.0f} s)")
         return out
 
-    def pipeline(self, run):
+    def pipeline(self, run: Training) -> Any:
         if self.pipe is None:
-            self.pipe = load_pipeline(self.model_dir, run.model.transformer, run.dtype, torch.device("cpu"))
+            self.pipe = run.family.pipeline(run.model.transformer, run.dtype, torch.device("cpu"))
         return self.pipe
 

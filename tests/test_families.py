@@ -1,4 +1,5 @@
-"""The trainer's transformer wrapper against the diffusers pipeline: same RoPE, same layout, clear errors."""
+"""The model-family seam: the registry picks a family by what the directory says, and CogVideoX's model wrapper
+matches the diffusers pipeline (same RoPE, same layout) with clear errors."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
 from trainer.errors import UserError
-from trainer.model import ModelShapes, VideoTransformer, check_lora_targets, resolve_model_dir
+from trainer.families import family_for, load_family, resolve_model_dir
+from trainer.families.cogvideox import CogVideoX, CogVideoXModel
 from trainer.shard_format import ShardError
 from trainer.spec import LoraSection
 
@@ -26,7 +28,7 @@ def pipeline_rope(pipe: CogVideoXPipeline, frames: int, latent_h: int, latent_w:
 @pytest.mark.parametrize("frames,height,width", [(3, 12, 16), (13, 60, 90), (2, 8, 8), (5, 20, 12)])
 def test_rope_equals_the_pipelines_own(tiny_5b, frames, height, width):
     pipe = CogVideoXPipeline.from_pretrained(tiny_5b)
-    model = VideoTransformer(pipe.transformer)
+    model = CogVideoXModel(pipe.transformer)
     cos, sin = model.rotary_embedding(frames, height, width, torch.device("cpu"))
     ref_cos, ref_sin = pipeline_rope(pipe, frames, height, width)
     assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
@@ -38,9 +40,9 @@ def test_cogvideox_15_geometry_pads_frames_and_matches_rope(tiny_5b):
     config = {**pipe.transformer.config, "patch_size_t": 2, "use_learned_positional_embeddings": False}
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     pipe.transformer = CogVideoXTransformer3DModel.from_config(config)
-    model = VideoTransformer(pipe.transformer)
+    model = CogVideoXModel(pipe.transformer)
     latents = torch.arange(3.0).view(1, 1, 3, 1, 1).expand(2, 4, 3, 2, 2)
-    padded = model.pad_frames(latents)
+    padded = model.prepare_latents(latents)
     assert padded.shape[2] == 4 and torch.equal(padded[:, :, 0], latents[:, :, 0])  # first frame repeated
     assert torch.equal(padded[:, :, 1:], latents)
     cos, _ = model.rotary_embedding(4, 12, 16, torch.device("cpu"))
@@ -48,7 +50,7 @@ def test_cogvideox_15_geometry_pads_frames_and_matches_rope(tiny_5b):
 
 
 def test_2b_style_has_no_rope_and_forward_keeps_the_layout(tiny_2b):
-    model = VideoTransformer.from_pretrained(tiny_2b, LORA, torch.float32, gradient_checkpointing=False, seed=0)
+    model = family_for(tiny_2b).load(LORA, torch.float32, gradient_checkpointing=False, seed=0)
     assert model.rotary_embedding(3, 12, 16, torch.device("cpu")) is None
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, 3, 12, 16, generator=gen)  # [B, C, F, H, W], the shard layout
@@ -62,8 +64,8 @@ def test_2b_style_has_no_rope_and_forward_keeps_the_layout(tiny_2b):
 
 
 def test_lora_is_the_only_trainable_part_and_init_is_seeded(tiny_5b):
-    a = VideoTransformer.from_pretrained(tiny_5b, LORA, torch.bfloat16, gradient_checkpointing=True, seed=3)
-    b = VideoTransformer.from_pretrained(tiny_5b, LORA, torch.bfloat16, gradient_checkpointing=True, seed=3)
+    a = family_for(tiny_5b).load(LORA, torch.bfloat16, gradient_checkpointing=True, seed=3)
+    b = family_for(tiny_5b).load(LORA, torch.bfloat16, gradient_checkpointing=True, seed=3)
     trainable = a.lora_parameters()
     assert trainable and all("lora_" in name for name in trainable)
     assert len(trainable) == 2 * 4 * 2  # A and B for 4 targets in 2 blocks
@@ -74,9 +76,10 @@ def test_lora_is_the_only_trainable_part_and_init_is_seeded(tiny_5b):
 
 
 def test_unknown_lora_target_names_the_field(tiny_5b):
-    check_lora_targets(tiny_5b, ["to_q", "ff.net.2", "attn1.to_out.0"])
+    family = family_for(tiny_5b)
+    family.check_lora_targets(["to_q", "ff.net.2", "attn1.to_out.0"])
     with pytest.raises(UserError, match=r"lora.target_modules: \['to_qq'\] match no module"):
-        check_lora_targets(tiny_5b, ["to_q", "to_qq"])
+        family.check_lora_targets(["to_q", "to_qq"])
 
 
 def test_model_dir_problems_name_model_path(tmp_path, tiny_5b):
@@ -95,11 +98,11 @@ def test_image_to_video_transformer_is_refused(tmp_path, tiny_5b):
     config_path = i2v / "transformer" / "config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "in_channels": 8}))
     with pytest.raises(UserError, match="image-to-video"):
-        ModelShapes.from_model_dir(i2v)
+        family_for(i2v).sample_shapes()
 
 
 def test_shapes_check_names_shard_key_and_mismatch(tiny_5b):
-    shapes = ModelShapes.from_model_dir(tiny_5b)
+    shapes = family_for(tiny_5b).sample_shapes()
     shapes.check("s.tar", "k1", (4, 3, 12, 16), (226, 32))
     cases = [
         ("k2", (16, 3, 12, 16), (226, 32), "latents have 16 channels"),
@@ -111,3 +114,47 @@ def test_shapes_check_names_shard_key_and_mismatch(tiny_5b):
         with pytest.raises(ShardError) as info:
             shapes.check("s.tar", key, latents, prompt)
         assert f"shard s.tar, sample {key!r}" in str(info.value) and problem in str(info.value)
+
+
+def test_the_registry_picks_the_family_the_directory_names(tmp_path, tiny_5b, tiny_2b):
+    assert isinstance(load_family(str(tiny_5b)), CogVideoX)
+    assert family_for(tiny_5b).describe() == "CogVideoX 1.0 text-to-video, 3D RoPE"
+    assert family_for(tiny_2b).describe() == "CogVideoX 1.0 text-to-video, sin-cos positions"
+    config = json.loads((tiny_5b / "transformer" / "config.json").read_text())
+    assert CogVideoX.from_config({**config, "patch_size_t": 2}).describe() == "CogVideoX 1.5 text-to-video, 3D RoPE"
+    # a transformer config without _class_name: model_index.json names the class
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_5b, bare)
+    unnamed = {k: v for k, v in config.items() if k != "_class_name"}
+    (bare / "transformer" / "config.json").write_text(json.dumps(unnamed))
+    assert isinstance(family_for(bare), CogVideoX)
+    (bare / "model_index.json").unlink()
+    with pytest.raises(UserError, match=r"names the transformer class None; this trainer knows "
+                                        r"CogVideoXTransformer3DModel"):
+        family_for(bare)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_5b, other)
+    (other / "transformer" / "config.json").write_text(json.dumps({**config, "_class_name": "MochiTransformer3DModel"}))
+    with pytest.raises(UserError, match=r"model.path: .*config.json names the transformer class "
+                                        r"'MochiTransformer3DModel'"):
+        load_family(str(other))
+
+
+def test_one_skeleton_builder_gives_the_loaded_transformers_structure_without_memory(tiny_5b):
+    family = family_for(tiny_5b)
+    skeleton = family.transformer_from_config("meta", LORA)
+    assert all(p.is_meta for p in skeleton.parameters())
+    loaded = family.load(LORA, torch.float32, gradient_checkpointing=False, seed=0).transformer
+    assert [(n, p.shape, p.requires_grad) for n, p in skeleton.named_parameters()] == [
+        (n, p.shape, p.requires_grad) for n, p in loaded.named_parameters()]
+    assert sum(p.requires_grad for p in skeleton.parameters()) == 2 * 4 * 2
+
+
+def test_clip_sizes_the_model_cannot_make_are_refused_naming_the_option(tiny_5b):
+    family = family_for(tiny_5b)
+    assert family.latent_shape(49, 480, 720, str) == (4, 13, 60, 90)  # the VAE's 4x time, 8x space
+    with pytest.raises(UserError, match=r"^--frames: 48 frames cannot be made by this VAE: it needs 4k\+1"):
+        family.latent_shape(48, 96, 128, lambda name: "--frames")
+    with pytest.raises(UserError, match=r"^height: 100 is not a multiple of 16 \(the VAE's 8x compression times "
+                                        r"the transformer's patch size 2\)"):
+        family.latent_shape(49, 100, 128, str)

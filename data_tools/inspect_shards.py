@@ -2,28 +2,25 @@
 """Check a packed dataset against its manifest.json: read every sample of every shard, check its tensors'
 shapes, dtypes and values, print a per-bucket summary, and exit 1 naming each bad shard and sample key.
 
-    python data_tools/inspect.py SHARDS_DIR
+    python data_tools/inspect_shards.py SHARDS_DIR
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
-if __name__ == "__main__":  # put the repo first on sys.path instead of data_tools/, whose inspect.py would
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # shadow the standard library's inspect module
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-from collections import Counter  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-import torch  # noqa: E402
-from safetensors import SafetensorError  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from trainer.shard_format import raw_samples  # noqa: E402
-from trainer.shard_format import Sample, ShardError, decode_sample  # noqa: E402
+from trainer.dtypes import from_torch_name
+from trainer.reporting.tables import console, print_table
+from trainer.shard_format import Sample, ShardError, decode_sample, raw_samples
 
 
 @dataclass
@@ -40,7 +37,7 @@ def check_sample(sample: Sample, manifest: dict, report: Report) -> None:
     meta = sample.meta
     bucket = f"{meta.get('num_frames')}x{meta.get('height')}x{meta.get('width')}"
     expected = manifest["buckets"].get(bucket)
-    dtype = getattr(torch, manifest["dtype"])
+    dtype = from_torch_name(manifest["dtype"])
     problems = []
     if expected is None:
         problems.append(f"bucket {bucket} (from its json) is not in manifest.json")
@@ -110,21 +107,15 @@ def inspect_dataset(out: Path) -> tuple[dict, Report]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shards", type=Path, help="directory written by data_tools/shard.py")
     args = parser.parse_args(argv)
     manifest, report = inspect_dataset(args.shards)
-    table = Table(title=f"{args.shards}: {report.shards} shards, dtype {manifest['dtype']}, "
-                        f"prompt embeddings {manifest['prompt_embeds']}")
-    for column in ("bucket (FxHxW)", "latents", "samples read", "manifest"):
-        table.add_column(column)
-    for bucket, info in manifest["buckets"].items():
-        table.add_row(bucket, "x".join(map(str, info["latents"])), str(report.samples[bucket]), str(info["samples"]))
-    console = Console()
-    console.print(table)
+    print_table(console(), f"{args.shards}: {report.shards} shards, dtype {manifest['dtype']}, prompt embeddings "
+                f"{manifest['prompt_embeds']}",
+                [(bucket, "x".join(map(str, info["latents"])), str(report.samples[bucket]), str(info["samples"]))
+                 for bucket, info in manifest["buckets"].items()],
+                header=("bucket (FxHxW)", "latents", "samples read", "manifest"))
     print(f"{manifest['rejected_total']} of {manifest['inputs']} inputs were rejected at packing "
           f"{manifest['rejected'] or ''}".rstrip())
     for problem in report.problems:

@@ -1,12 +1,15 @@
-"""Process environment and small collectives. The engine module owns deepspeed itself."""
+"""The process's environment: its rank variables from whatever launcher started it, its device, its threads.
+
+Nothing here needs a process group; trainer/parallel.py owns the ranks once it exists, the engine module owns
+deepspeed itself."""
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
 
 from trainer.errors import UserError
 
@@ -27,7 +30,7 @@ def ensure_process_env() -> None:
     os.environ.update(rank_env(os.environ, torch.cuda.device_count()))
 
 
-def rank_env(env, visible_gpus: int = 0) -> dict[str, str]:
+def rank_env(env: Mapping[str, str], visible_gpus: int = 0) -> dict[str, str]:
     """The rank variables to add to ``env`` (nothing when a launcher already set them)."""
     if "RANK" in env and "WORLD_SIZE" in env:
         return {}
@@ -43,7 +46,7 @@ def rank_env(env, visible_gpus: int = 0) -> dict[str, str]:
             "MASTER_PORT": env.get("MASTER_PORT") or str(free_port())}
 
 
-def srun_task(env) -> tuple[int, int] | None:
+def srun_task(env: Mapping[str, str]) -> tuple[int, int] | None:
     """(rank, world size) of a task of an srun step; None elsewhere, the sbatch script's shell included (it has
     SLURM_PROCID=0 and the allocation's SLURM_NTASKS, but no step)."""
     world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
@@ -52,7 +55,7 @@ def srun_task(env) -> tuple[int, int] | None:
     return int(env["SLURM_PROCID"]), int(world)
 
 
-def slurm_rank_env(env, visible_gpus: int) -> dict[str, str]:
+def slurm_rank_env(env: Mapping[str, str], visible_gpus: int) -> dict[str, str]:
     """One srun task per GPU: SLURM_PROCID is the rank, SLURM_LOCALID the local rank, the step's task count
     the world size. The rendezvous is the step's first node, on a port every task derives from the job id
     (no communication needed); MASTER_ADDR and MASTER_PORT in the environment win.
@@ -60,7 +63,10 @@ def slurm_rank_env(env, visible_gpus: int) -> dict[str, str]:
     LOCAL_RANK picks the GPU (DeepSpeed sets the device from it too). Where SLURM binds each task to its own
     GPU (--gpus-per-task=1, --gpu-bind=single:1) a task sees fewer GPUs than the node has: it takes its
     local rank modulo what it sees, which is its own one."""
-    rank, world = srun_task(env)
+    task = srun_task(env)
+    if task is None:
+        raise ValueError("not an srun task")
+    rank, world = task
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
     if not nodelist:
         raise UserError("an srun task without SLURM_JOB_NODELIST: cannot find the first node; set MASTER_ADDR and "
@@ -136,26 +142,6 @@ def share_cpu_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
 
 
-def all_gather(obj) -> list:
-    """Every rank's `obj`, in rank order, on every rank. A collective."""
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)  # our own ranks' objects, over our own process group
-    return gathered
-
-
-def sum_across_ranks(values: list) -> torch.Tensor:
-    """All-reduce sum of a few numbers (device tensors or Python numbers) as one float64 vector on the CPU.
-    A sync point: call it on log steps only."""
-    device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
-    vector = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
-    dist.all_reduce(vector, op=dist.ReduceOp.SUM)
-    return vector.cpu()
-
-
-def max_across_ranks(values: list) -> torch.Tensor:
-    """All-reduce max of a few Python numbers as one float64 vector on the CPU. A collective."""
-    vector = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
-        vector = vector.cuda()
-    dist.all_reduce(vector, op=dist.ReduceOp.MAX)
-    return vector.cpu()
+def default_device() -> torch.device:
+    """This process's GPU (set from LOCAL_RANK before the process group), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

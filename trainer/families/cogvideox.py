@@ -1,0 +1,290 @@
+"""CogVideoX, as one family whose variants are configuration read from the model directory.
+
+    1.0 (CogVideoX-2b, -5b)   patch_size_t None; 2B sin-cos positions, 5B 3D RoPE with crop coordinates
+                              relative to the model's base grid (sample_height/sample_width)
+    1.5 (CogVideoX1.5-5B)     patch_size_t 2: latent frames padded in front to a multiple of it by repeating
+                              the first (as CogVideo's finetune does; the padding is kept in the loss), RoPE
+                              of grid type "slice"
+    image-to-video            in_channels = 2 x out_channels (image latents concatenated on channels), 1.5-I2V
+                              with ofs_embed_dim: refused for now; ``CogVideoXModel.inputs`` is where the
+                              image conditioning goes in
+
+The transformer sees latents [B, F, C, H, W] and prompt embeddings of T5; the trainer's layout is the shard's
+[B, C, F, H, W]. Everything a CogVideoX directory brings beyond the transformer (its VAE, T5 and pipeline) is in
+cogvideox_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import trainer.families.cogvideox_pipeline as media
+from trainer.diffusion import Objective
+from trainer.errors import UserError
+from trainer.families.base import SampleSettings, TransformerStructure, VideoModel, attach_lora, lora_config
+from trainer.media import to_uint8
+from trainer.shard_format import SampleShapes
+from trainer.spec import LoraSection
+
+TRANSFORMER_CLASS = "CogVideoXTransformer3DModel"
+
+
+def _video_tokens(config: Mapping[str, Any], frames: int, height: int, width: int) -> int:
+    """Transformer tokens of a latent grid (1.5 pads the frames to a multiple of patch_size_t)."""
+    p, p_t = config["patch_size"], config.get("patch_size_t") or 1
+    return -(-frames // p_t) * (height // p) * (width // p)
+
+
+@dataclass(frozen=True)
+class Variant:
+    version: str  # "1.0" or "1.5"
+    rope: bool  # 3D rotary positions (5B, 1.5) rather than sin-cos ones (2B)
+    image_to_video: bool
+
+    @classmethod
+    def of(cls, config: dict) -> Variant:
+        return cls(version="1.0" if config.get("patch_size_t") is None else "1.5",
+                   rope=bool(config.get("use_rotary_positional_embeddings")),
+                   image_to_video=config.get("in_channels") != config.get("out_channels"))
+
+
+class CogVideoX:
+    """A CogVideoX model directory (or, for weightless uses such as the planner, a transformer config alone)."""
+
+    def __init__(self, model_dir: Path | None, config: dict):
+        self.dir, self.config = model_dir, {k: v for k, v in config.items() if not k.startswith("_")}
+        self.variant = Variant.of(self.config)
+
+    @classmethod
+    def from_config(cls, config: dict) -> CogVideoX:
+        return cls(None, config)
+
+    @property
+    def model_dir(self) -> Path:
+        if self.dir is None:
+            raise RuntimeError("this CogVideoX has a transformer config only, no model directory")
+        return self.dir
+
+    def describe(self) -> str:
+        positions = "3D RoPE" if self.variant.rope else "sin-cos positions"
+        kind = "image-to-video" if self.variant.image_to_video else "text-to-video"
+        return f"CogVideoX {self.variant.version} {kind}, {positions}"
+
+    def _source(self) -> str:
+        return str(self.dir / "transformer" / "config.json") if self.dir else "the transformer config"
+
+    # ---- what the data must be
+
+    def sample_shapes(self) -> SampleShapes:
+        cfg = self.config
+        if self.variant.image_to_video:
+            raise UserError(f"model.path: {self._source()} has in_channels {cfg.get('in_channels')} != out_channels "
+                            f"{cfg.get('out_channels')}: an image-to-video transformer; this trainer fine-tunes "
+                            f"text-to-video models")
+        return SampleShapes(cfg["in_channels"], cfg["max_text_seq_length"], cfg["text_embed_dim"], cfg["patch_size"],
+                            self._source(), "in_channels", "max_text_seq_length, text_embed_dim")
+
+    def _vae_config(self) -> dict | None:
+        path = self.model_dir / "vae" / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def latent_scale(self) -> float | None:
+        """The VAE's scaling_factor that packed latents were multiplied by (None: the directory has no VAE)."""
+        vae = self._vae_config()
+        return None if vae is None else vae.get("scaling_factor")
+
+    def latent_shape(self, frames: int, height: int, width: int,
+                     option: Callable[[str], str]) -> tuple[int, int, int, int]:
+        """Latents [C, F, H, W] of a clip, or a UserError naming ``option(name)`` (name: num_frames, height or
+        width) when the VAE and the transformer's patches cannot make the clip."""
+        vae = self._vae_config()
+        if vae is None:
+            raise UserError(f"{option('num_frames')}: {self.model_dir} has no vae/config.json to size clips with")
+        channels, temporal = vae["latent_channels"], vae["temporal_compression_ratio"]
+        spatial = 2 ** (len(vae["block_out_channels"]) - 1)
+        if (frames - 1) % temporal:
+            raise UserError(f"{option('num_frames')}: {frames} frames cannot be made by this VAE: it needs "
+                            f"{temporal}k+1 (a multiple of its temporal compression {temporal}, plus 1: for example "
+                            f"49)")
+        multiple = spatial * self.config["patch_size"]
+        for name, value in (("height", height), ("width", width)):
+            if value % multiple:
+                raise UserError(f"{option(name)}: {value} is not a multiple of {multiple} (the VAE's {spatial}x "
+                                f"compression times the transformer's patch size {self.config['patch_size']})")
+        return channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
+
+    def encoder_configs(self) -> dict[str, dict]:
+        """The configs of the encoders that make a sample (what manifest.json records)."""
+        return {part: json.loads((self.model_dir / part / "config.json").read_text())
+                for part in ("vae", "text_encoder")}
+
+    def check_encoders(self, label: str, purpose: str, parts: tuple[str, ...] = media.ENCODER_PARTS) -> None:
+        missing = [part for part in parts if not (self.model_dir / part).exists()]
+        if missing:
+            raise UserError(f"{label}: {purpose} needs the model directory's VAE and text encoder, but "
+                            f"{self.model_dir} lacks {', '.join(missing)}")
+
+    def encoders(self, device: torch.device, dtype: torch.dtype, vae_tiling: bool = True) -> media.Encoders:
+        return media.Encoders(self.model_dir, device, dtype, self.config["max_text_seq_length"], vae_tiling)
+
+    def prompt_encoder(self, device: torch.device, dtype: torch.dtype) -> media.PromptEncoder:
+        return media.PromptEncoder(self.model_dir, device, dtype, self.config["max_text_seq_length"])
+
+    # ---- the transformer
+
+    def transformer_from_config(self, device: torch.device | str, lora: LoraSection | None = None) -> nn.Module:
+        """The transformer with random weights (on the meta device: a skeleton, no memory), with ``lora``'s
+        adapter if given. The one place a transformer is built from its config."""
+        from diffusers import CogVideoXTransformer3DModel
+
+        with torch.device(device):
+            transformer = CogVideoXTransformer3DModel.from_config(self.config)
+            if lora is not None:
+                transformer.add_adapter(lora_config(lora))
+        return transformer
+
+    def check_lora_targets(self, targets: list[str]) -> None:
+        """Check the LoRA targets against the skeleton: peft matches a target by the module name or its dotted
+        suffix; say which target matched nothing."""
+        names = [name for name, _ in self.transformer_from_config("meta").named_modules()]
+        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if unmatched:
+            examples = sorted({n.split(".", 2)[-1] for n in names if n.startswith("transformer_blocks.0.")})[:12]
+            raise UserError(f"lora.target_modules: {unmatched} match no module of the transformer "
+                            f"(modules of a block include {examples})")
+
+    def load_transformer(self, dtype: torch.dtype) -> nn.Module:
+        from diffusers import CogVideoXTransformer3DModel
+
+        return CogVideoXTransformer3DModel.from_pretrained(self.model_dir, subfolder="transformer", dtype=dtype)
+
+    def load(self, lora: LoraSection, dtype: torch.dtype, gradient_checkpointing: bool, seed: int) -> CogVideoXModel:
+        """The pretrained transformer, frozen, with the spec's LoRA."""
+        return self.wrap(attach_lora(self.load_transformer(dtype), lora, gradient_checkpointing, seed))
+
+    def wrap(self, transformer: nn.Module) -> CogVideoXModel:
+        return CogVideoXModel(transformer)
+
+    @staticmethod
+    def objective_from_scheduler(config: dict, source: str = "scheduler config") -> Objective:
+        """The v-prediction objective on the scheduler's own ᾱ (diffusers builds it: the sampler's, bit for bit)."""
+        from diffusers import CogVideoXDDIMScheduler
+
+        prediction = config.get("prediction_type", "epsilon")
+        if prediction != "v_prediction":
+            raise UserError(f"{source}: prediction_type is {prediction!r}; CogVideoX training needs 'v_prediction'")
+        return Objective(CogVideoXDDIMScheduler.from_config(config).alphas_cumprod.to(torch.float64))
+
+    def objective(self) -> Objective:
+        path = self.model_dir / "scheduler" / "scheduler_config.json"
+        try:
+            config = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"model.path: {path} is missing (a CogVideoX directory has a scheduler/ folder)") from None
+        return self.objective_from_scheduler(config, str(path))
+
+    def video_tokens(self, latent_shape: tuple[int, ...]) -> int:
+        """Latents [C, F, H, W] -> transformer tokens."""
+        return _video_tokens(self.config, *latent_shape[1:])
+
+    def structure(self) -> TransformerStructure:
+        """CogVideoXBlock: norm1 (conditioned on the timestep), q/k/v over text + video tokens, attention, out,
+        norm2, the GELU feed-forward; patch embeddings in front, proj_out behind."""
+        cfg, heads = self.config, self.config["num_attention_heads"]
+        return TransformerStructure(
+            layers=cfg["num_layers"], heads=heads, head_dim=cfg["attention_head_dim"],
+            text_tokens=cfg["max_text_seq_length"], block_prefix="transformer_blocks.", block_class="CogVideoXBlock",
+            attention_inputs=("attn1.to_q", "attn1.to_k", "attn1.to_v"), attention_output="attn1.to_out.0",
+            after_attention=("ff.net.0.proj", "ff.net.2"), per_sample=("norm1.linear", "norm2.linear"),
+            outside={"patch_embed.proj": "video", "patch_embed.text_proj": "text", "proj_out": "video"},
+            trained_stream=("proj_out",), saved_hidden_wide=8, saved_ff_wide=1, saved_stats_bytes=8 * (2 + 2 * heads),
+            rope=bool(cfg.get("use_rotary_positional_embeddings")), video_tokens=self.video_tokens)
+
+    # ---- sampling and the LoRA file
+
+    def check_sampling(self, settings: SampleSettings, field: Callable[[str], str]) -> None:
+        """Frames and size this directory's VAE and transformer can produce; errors name ``field(name)``."""
+        self.check_encoders(field("prompts"), "sampling videos", ("model_index.json", *media.ENCODER_PARTS))
+        self.latent_shape(settings.num_frames, settings.height, settings.width, field)
+
+    def pipeline(self, transformer: nn.Module, dtype: torch.dtype, device: torch.device) -> Any:
+        return media.load_pipeline(self.model_dir, transformer, dtype, device)
+
+    def generate(self, pipe: Any, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
+                 settings: SampleSettings, on_step: Callable[[int], None] = lambda i: None) -> np.ndarray:
+        return to_uint8(media.sample(pipe, prompt_embeds, negative_embeds, settings, on_step, "np"))
+
+    def denoise(self, pipe: Any, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
+                settings: SampleSettings, on_step: Callable[[int], None] = lambda i: None) -> None:
+        media.sample(pipe, prompt_embeds, negative_embeds, settings, on_step, "latent")
+
+    def write_lora(self, transformer: nn.Module, state: dict[str, torch.Tensor], out_dir: Path) -> None:
+        media.write_lora(transformer, state, out_dir)
+
+    def load_lora(self, pipe: Any, path: Path) -> None:
+        pipe.load_lora_weights(path)  # with the file's adapter metadata: the trained alpha / rank scale
+
+
+class CogVideoXModel(VideoModel):
+    """The transformer as the trainer calls it: latents [B, C, F, H, W] in, v̂ in the same layout out, with the 3D
+    rotary embedding the pipeline builds for that latent grid (cached per shape)."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__(transformer)
+        self._rope_cache: dict[tuple, Any] = {}  # (cos, sin) per latent grid and device
+
+    def prepare_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """1.5 patches time in pairs: repeat the first latent frame at the front to a multiple of it."""
+        p_t = self.config.patch_size_t
+        frames = latents.shape[2]
+        if p_t is None or frames % p_t == 0:
+            return latents
+        pad = p_t - frames % p_t
+        return torch.cat([latents[:, :, :1].expand(-1, -1, pad, -1, -1), latents], dim=2)
+
+    def video_tokens(self, frames: int, height: int, width: int) -> int:
+        return _video_tokens(self.config, frames, height, width)
+
+    def rotary_embedding(self, frames: int, height: int, width: int, device: torch.device) -> Any:
+        """The (cos, sin) pair CogVideoXPipeline._prepare_rotary_positional_embeddings builds for this latent grid."""
+        cfg = self.config
+        if not cfg.use_rotary_positional_embeddings:
+            return None
+        key = (frames, height, width, str(device))
+        if key not in self._rope_cache:
+            from diffusers.models.embeddings import get_3d_rotary_pos_embed
+            from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+            p, p_t = cfg.patch_size, cfg.patch_size_t
+            grid = (height // p, width // p)
+            base_h, base_w = cfg.sample_height // p, cfg.sample_width // p
+            if p_t is None:  # 1.0: crop coordinates relative to the model's base grid
+                crops = get_resize_crop_region_for_grid(grid, base_w, base_h)
+                self._rope_cache[key] = get_3d_rotary_pos_embed(
+                    embed_dim=cfg.attention_head_dim, crops_coords=crops, grid_size=grid, temporal_size=frames,
+                    device=device)
+            else:  # 1.5
+                self._rope_cache[key] = get_3d_rotary_pos_embed(
+                    embed_dim=cfg.attention_head_dim, crops_coords=None, grid_size=grid,
+                    temporal_size=(frames + p_t - 1) // p_t, grid_type="slice", max_size=(base_h, base_w),
+                    device=device)
+        return self._rope_cache[key]
+
+    def inputs(self, noisy: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor) -> dict[str, Any]:
+        """The transformer's keyword arguments for latents [B, C, F, H, W]: what the pipeline passes at a
+        denoising step of the same grid. Image-to-video adds its image latents and ofs here."""
+        _, _, frames, height, width = noisy.shape
+        return {"hidden_states": noisy.transpose(1, 2), "encoder_hidden_states": prompt_embeds, "timestep": timesteps,
+                "image_rotary_emb": self.rotary_embedding(frames, height, width, noisy.device), "return_dict": False}
+
+    def forward(self, noisy: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """noisy latents [B, C, F, H, W], prompt_embeds [B, L, D], timesteps [B] -> v̂ [B, C, F, H, W]."""
+        return self.transformer(**self.inputs(noisy, prompt_embeds, timesteps))[0].transpose(1, 2)

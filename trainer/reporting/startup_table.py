@@ -1,0 +1,69 @@
+"""The run at a glance, printed by rank 0 when training starts, then what the resume or the index found."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from trainer.families.base import ModelFamily, VideoModel
+from trainer.parallel import ParallelLayout
+from trainer.reporting.writers import Reporter
+from trainer.resume import ResumePoint
+from trainer.shard_index import ShardIndex
+from trainer.spec import RunSpec
+from trainer.state import TrainerState
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+
+def print_startup(reporter: Reporter, *, spec: RunSpec, layout: ParallelLayout, engine: DeepSpeedEngine,
+                  family: ModelFamily, model: VideoModel, index: ShardIndex, shards: int, state: TrainerState,
+                  resume: ResumePoint, held_out: ShardIndex | None) -> None:
+    def numel(p):  # ZeRO-3 leaves each rank an empty partition; ds_numel is the full size
+        return getattr(p, "ds_numel", p.numel())
+
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.lora_parameters().values())
+    lora, optim, validation, world = spec.lora, spec.optim, spec.validation, layout.world_size
+    text_len = family.sample_shapes().text_len
+    shapes = Counter(ref.shape for ref in index.samples).most_common(3)
+    tokens = "; ".join(f"{model.video_tokens(*shape[1:]):,} video + {text_len} text (latents "
+                       f"{'x'.join(map(str, shape))}, {n} samples)" for shape, n in shapes)
+    rows = [
+        ("model", f"{family.model_dir} ({family.describe()})"),
+        ("parameters", f"{total:,} total, {trainable:,} LoRA trainable ({100 * trainable / total:.2f}%)"),
+        ("LoRA", f"rank {lora.rank}, alpha {lora.scale_alpha:g}, dropout {lora.dropout:g}, on "
+                 f"{', '.join(lora.target_modules)}"),
+        ("DeepSpeed", f"ZeRO-{engine.zero_optimization_stage()}, {spec.train.precision}, {world} rank(s) on "
+                      f"{engine.device.type}"),
+        ("batch", f"micro {engine.train_micro_batch_size_per_gpu()} x accumulation "
+                  f"{engine.gradient_accumulation_steps()} x {layout.data_size} rank(s) = "
+                  f"{engine.train_batch_size()} samples per optimizer step"),
+        ("tokens per sample", tokens),
+        ("data", f"{len(index.samples):,} samples in {shards} shard(s)"),
+        ("schedule", f"{spec.train.max_steps} optimizer steps, lr {optim.lr:g} {optim.schedule}, "
+                     f"{optim.warmup_steps} warmup; timesteps {spec.train.timestep_sampling}"),
+    ]
+    if validation.prompts or held_out is not None:
+        parts = [f"{len(validation.prompts)} prompt(s) every {validation.every_steps or spec.train.max_steps} steps"
+                 if validation.prompts else "",
+                 f"loss on {len(held_out.samples[:validation.loss.max_samples])} held-out samples "
+                 f"every {validation.loss.every_steps or spec.train.max_steps} steps" if held_out is not None else ""]
+        rows.append(("validation", "; ".join(filter(None, parts)) + ", and at the end"))
+    rows.append(("output", f"{spec.run.dir}: checkpoints/, lora/ (the adapter), metrics.jsonl"
+                           + (", tensorboard/" if spec.logging.tensorboard else "")
+                           + (", samples/" if validation.prompts else "")))
+    reporter.table(f"run {spec.run.name}", rows)
+    if not resume.fresh:
+        reporter.event(state.optimizer_step, "resumed", f"from {resume.checkpoint} at optimizer step "
+                       f"{state.optimizer_step}, {state.samples_seen} samples seen"
+                       + (" (another number of ranks: universal checkpoint)" if resume.universal else ""))
+    if state.optimizer_step == 0:  # a resumed run logged them when it started
+        for fault in index.faults:
+            reporter.event(0, "data_error", f"skipping: {fault}", shard=fault.shard, key=fault.key)
+    elif index.faults:
+        reporter.print(f"{len(index.faults)} sample(s) left out at start-up, as when the run began (events.jsonl)")
+    if held_out is not None and held_out.faults:
+        reporter.print(f"validation.loss.shards: {len(held_out.faults)} held-out sample(s) left out (the first: "
+                       f"{held_out.faults[0]})")
