@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.errors import EXIT_USER_ERROR, UserError
 from trainer.families import load_family
 from trainer.shard_format import encode_sample
 
@@ -72,8 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    shards = write_synthetic_shards(args.model, args.out, args.samples, args.samples_per_shard, args.frames,
-                                    args.height, args.width, args.seed)
+    try:
+        shards = write_synthetic_shards(args.model, args.out, args.samples, args.samples_per_shard, args.frames,
+                                        args.height, args.width, args.seed)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     print(f"{args.samples} synthetic samples in {len(shards)} shard(s) under {args.out}")
     return 0
 

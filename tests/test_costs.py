@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.costs import CostModel
+from trainer.errors import UserError
+from trainer.families import family_for
 from trainer.families.base import lora_config
 from trainer.families.cogvideox import CogVideoX, CogVideoXModel
-from trainer.spec import LoraSection
+from trainer.planner import latent_shapes
+from trainer.spec import LoraSection, RunSpec
 
 # THUDM/CogVideoX-5b transformer/config.json
 COGVIDEOX_5B = dict(
@@ -106,3 +111,14 @@ def test_activation_estimate_matches_what_autograd_keeps(rope, lora, checkpointi
         model(x, text, t)
     costs = CostModel(CogVideoX.from_config(cfg), lora)
     assert costs.saved_activation_bytes(latents, 2, checkpointing) == pytest.approx(sum(kept.values()), rel=0.05)
+
+
+def test_planned_clip_sizes_are_checked_against_the_patch_grid(tiny_5b):
+    """A fix found on the way: --video sides used to be checked against the VAE's 8x alone, so 104 pixels (13
+    latent rows, which the transformer's 2x2 patches cannot cover) was planned for; it is refused like training
+    refuses it."""
+    spec = RunSpec.model_validate({"model": {"path": str(tiny_5b)}, "data": {"shards": "x"}, "train": {"max_steps": 1}})
+    family = family_for(tiny_5b)
+    assert latent_shapes(spec, family, ["9x96x128"]) == Counter({(4, 3, 12, 16): 1})
+    with pytest.raises(UserError, match=r"^--video 9x104x128: 104 is not a multiple of 16"):
+        latent_shapes(spec, family, ["9x104x128"])

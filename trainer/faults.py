@@ -88,6 +88,7 @@ class Watchdog:
     dead left gloo waiting in an all-reduce well past its timeout (measured here), and a stuck data loader or
     filesystem has no timeout at all. If the training thread reports no progress for ``timeout_s``, this
     thread says so and ends the process, so the launcher (or SLURM) sees a failure instead of a silent hang.
+    Built at start-up, it watches from ``start`` (the training loop's) until ``stop``.
     """
 
     def __init__(self, timeout_s: float, rank: int):
@@ -95,6 +96,9 @@ class Watchdog:
         self._last, self._what = time.monotonic(), "start-up"
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="trainer-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self.progress("start-up")
         self._thread.start()
 
     def progress(self, what: str) -> None:

@@ -97,6 +97,7 @@ class Loop:
         self.checkpointer = Checkpointer(self.spec.run.dir / "checkpoints", self.spec.checkpoint.keep_last, run.layout)
         self.samples = SampleLog(self.spec.run.dir, run.layout.rank) if self.spec.logging.sample_keys else None
         self.interval = Interval(self.engine.device, run.objective.num_train_timesteps, run.layout, run.peak_tflops)
+        run.watchdog.start()
         self.last_save, self.last_loss = time.monotonic(), float("nan")
         self.started, self.first_step = time.perf_counter(), state.optimizer_step
 

@@ -81,7 +81,7 @@ class Run:
     dtype: torch.dtype  # the compute dtype
     costs: CostModel  # FLOPs per sample, for the logged TFLOP/s and MFU
     peak_tflops: float | None  # the device's bf16 peak (logging.peak_tflops, else by GPU name): MFU's divisor
-    watchdog: Watchdog  # ends the process when the run stops making progress
+    watchdog: Watchdog  # ends the process when the run stops making progress (once the loop starts it)
     validation: Validation | None = None  # validation videos and loss, if the spec asks for them
 
     def heartbeat(self, what: str) -> None:
