@@ -120,7 +120,7 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
 def pack(args: argparse.Namespace) -> int:
     rank, world, local_rank = rank_and_world(args)
     family = check_model(args.model, args.bucket_list)
-    model_dir = family.model_dir.resolve()
+    model_dir, encoder_configs = family.model_dir.resolve(), family.encoder_configs()
     layout, entries = read_inputs(args.input, args.video_column, args.caption_column)
     options = packing.PackOptions(buckets=tuple(map(str, args.bucket_list)), fps=None if args.evenly else args.fps,
                                   shard_size=args.shard_size, seed=args.seed, dtype=args.dtype,
@@ -129,7 +129,7 @@ def pack(args: argparse.Namespace) -> int:
     dtype = encoding_dtype(device)
     # the compute device and dtype change the latents' bits: a rerun must not mix CPU and GPU samples
     identity = packing.identity_of(options, layout, args.input.resolve(), fingerprint(entries), len(entries),
-                                   family.encoder_configs(), f"{device.type}/{torch_name(dtype)}")
+                                   encoder_configs, f"{device.type}/{torch_name(dtype)}")
     out, tag = args.out, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     packing.claim(out, identity, tag)
     (out / "progress").mkdir(exist_ok=True)
@@ -150,7 +150,7 @@ def pack(args: argparse.Namespace) -> int:
                 progress.note(f"{rec['shard'] or f'chunk {j} (no shard)'}: {len(rec['samples'])} samples, "
                               f"{len(rec['rejected'])} rejected")
         say(f"packed {total} inputs in {time.perf_counter() - start:.1f} s")
-    manifest = packing.finalize(out, len(all_chunks), identity, model_dir, family.encoder_configs(), tag)
+    manifest = packing.finalize(out, len(all_chunks), identity, model_dir, encoder_configs, tag)
     if manifest is None:
         # exit 0 even under --strict: torchrun would stop the ranks still packing. The last rank decides.
         say("done; other ranks are still packing, and the last one to finish writes manifest.json (if every "
