@@ -55,10 +55,15 @@ def _lines(path: Path) -> list[str]:
 
 
 def read_cogvideo(root: Path) -> list[Entry]:
-    prompts, videos = _lines(root / "prompts.txt"), _lines(root / "videos.txt")
+    videos = _lines(root / "videos.txt")
+    # A blank prompt line opposite a video is that video's (empty) caption, the last one included; blank lines
+    # past the last video are not entries.
+    prompts = (root / "prompts.txt").read_text(encoding="utf-8-sig").splitlines()
+    if len(prompts) > len(videos) and not any(line.strip() for line in prompts[len(videos):]):
+        prompts = prompts[:len(videos)]
     if len(prompts) != len(videos):
-        raise InputError(f"{root}: prompts.txt has {len(prompts)} lines but videos.txt has {len(videos)}; "
-                         f"line N of one must caption line N of the other")
+        raise InputError(f"{root}: prompts.txt has {len(_lines(root / 'prompts.txt'))} lines but videos.txt has "
+                         f"{len(videos)}; line N of one must caption line N of the other")
     return [_entry(i, root, v.strip(), p, f"videos.txt line {i + 1}")
             for i, (v, p) in enumerate(zip(videos, prompts, strict=True))]
 

@@ -357,3 +357,21 @@ def test_clips_of_two_shapes_go_to_their_buckets(tiny_5b, tmp_path):
     assert shapes == {**{f"{i:09d}": (4, 3, 12, 16) for i in range(3)}, **{f"{i:09d}": (4, 3, 16, 12) for i in (3, 4)}}
     _, report = inspect_dataset(out)
     assert not report.problems and report.samples == {"9x96x128": 3, "9x128x96": 2}
+
+
+def test_a_blank_caption_line_is_its_videos_empty_caption_and_blank_lines_past_the_last_video_are_ignored(tmp_path):
+    from data_tools.inputs import InputError, read_cogvideo
+
+    (tmp_path / "videos.txt").write_text("a.mp4\nb.mp4\nc.mp4\n\n")
+    for prompts, reasons in (("one\ntwo\n\n", [None, None, "empty_caption"]),  # the last caption is blank
+                             ("one\ntwo\n\n\n\n", [None, None, "empty_caption"]),
+                             ("one\n\nthree\n", [None, "empty_caption", None])):
+        (tmp_path / "prompts.txt").write_text(prompts)
+        entries = read_cogvideo(tmp_path)
+        assert [e.reason for e in entries] == reasons and [e.source for e in entries] == ["a.mp4", "b.mp4", "c.mp4"]
+    (tmp_path / "prompts.txt").write_text("one\ntwo\n")  # a caption missing, not blank: the files disagree
+    with pytest.raises(InputError, match="prompts.txt has 2 lines but videos.txt has 3"):
+        read_cogvideo(tmp_path)
+    (tmp_path / "prompts.txt").write_text("one\ntwo\nthree\nfour\n")
+    with pytest.raises(InputError, match="prompts.txt has 4 lines but videos.txt has 3"):
+        read_cogvideo(tmp_path)
