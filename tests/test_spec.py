@@ -138,6 +138,41 @@ def test_ds_config_values_that_agree_or_say_auto_are_accepted(tmp_path):
     assert not config["fp16"]["enabled"]
 
 
+def test_gradients_are_accumulated_and_reduced_in_fp32_unless_the_json_chooses_the_compute_dtype(tmp_path):
+    zero2 = json.loads((SHIPPED_CONFIGS / "zero2.json").read_text())
+    path = tmp_path / "ds.json"
+
+    def assembled(config: dict, precision: str = "bf16") -> dict:
+        path.write_text(json.dumps(config))
+        spec = RunSpec.model_validate({**MINIMAL, "deepspeed": {"config": str(path)},
+                                       "train": {"max_steps": 1, "precision": precision}})
+        return assemble_config(spec, data_parallel=2)
+
+    for precision in ("bf16", "fp16", "fp32"):  # the shipped configs say nothing: fp32 both
+        config = assembled(zero2, precision)
+        assert config["communication_data_type"] == "fp32" and config["data_types"]["grad_accum_dtype"] == "fp32"
+    # the JSON's own choice of the compute dtype is kept, key by key, and its other data_types keys with it
+    config = assembled({**zero2, "communication_data_type": "bf16", "data_types": {"future_key": 1}})
+    assert config["communication_data_type"] == "bf16" and config["data_types"] == {
+        "future_key": 1, "grad_accum_dtype": "fp32"}
+    assert assembled({**zero2, "communication_data_type": "BFloat16"})["communication_data_type"] == "bf16"
+    config = assembled({**zero2, "data_types": {"grad_accum_dtype": "bf16"}})
+    assert config["data_types"]["grad_accum_dtype"] == "bf16" and config["communication_data_type"] == "fp32"
+    # another half type than the compute dtype, or a name DeepSpeed does not know: refused, naming the key
+    msg = ds_error(tmp_path, {**zero2, "communication_data_type": "fp16"})
+    assert "communication_data_type is 'fp16' but train.precision is 'bf16'" in msg
+    msg = ds_error(tmp_path, {**zero2, "data_types": {"grad_accum_dtype": "bf16"}}, train={"max_steps": 1,
+                                                                                         "precision": "fp32"})
+    assert "grad_accum_dtype is 'bf16' but train.precision is 'fp32'" in msg
+    assert "DeepSpeed knows fp32, bf16, fp16" in ds_error(tmp_path, {**zero2, "communication_data_type": "int8"})
+
+
+def test_betas_out_of_range_name_the_field(tmp_path):
+    with pytest.raises(UserError) as info:
+        load_spec(spec_file(tmp_path, {**MINIMAL, "optim": {"betas": [0.9, 1.0]}}))
+    assert "  optim.betas: must each be in [0, 1), got [0.9, 1.0]" in str(info.value)
+
+
 def test_lr_schedules():
     warm = lr_multiplier(OptimSection(schedule="constant", warmup_steps=4), max_steps=10)
     assert [warm(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]

@@ -88,9 +88,9 @@ def assemble_config(spec: RunSpec, data_parallel: int) -> dict:
     config["fp16"] = {**config.get("fp16", {}), "enabled": precision == "fp16"}
     if precision == "fp16":
         config["fp16"] = {"loss_scale": 0, "initial_scale_power": 16, **config["fp16"]}  # dynamic loss scaling
-    if precision == "bf16":
-        # fp32 master weights come with bf16 in ZeRO; accumulate gradients in fp32 too.
-        config.setdefault("data_types", {"grad_accum_dtype": "fp32"})
+    reduction = _reduction_dtypes(config, precision, path)
+    config["data_types"] = {**config.get("data_types", {}), "grad_accum_dtype": reduction["grad_accum_dtype"]}
+    config["communication_data_type"] = reduction["communication_data_type"]
     optim = spec.optim
     config["optimizer"] = {"type": "AdamW", "params": {
         "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
@@ -99,8 +99,39 @@ def assemble_config(spec: RunSpec, data_parallel: int) -> dict:
     return config
 
 
+REDUCTION_DTYPES = ("fp32", "bf16", "fp16")
+# every spelling DeepSpeed's DtypeEnum accepts (it lower-cases them), to the names above
+DTYPE_ALIASES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+                 "bfloat": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+
+
+def _reduction_dtypes(config: dict, precision: str, path: Path) -> dict[str, str]:
+    """The dtypes gradients are accumulated over micro-steps in (``data_types.grad_accum_dtype``) and
+    all-reduced in (``communication_data_type``): fp32 unless the JSON chooses otherwise. Left to DeepSpeed,
+    a bf16 run reduces its gradients in bf16 (8 bits of mantissa, rounded once more per reduction). The JSON
+    may choose the compute dtype instead (half the traffic); any other half type contradicts
+    train.precision and is refused, as is a name DeepSpeed does not know."""
+    given = {"grad_accum_dtype": (config.get("data_types") or {}).get("grad_accum_dtype"),
+             "communication_data_type": config.get("communication_data_type")}
+    allowed = {"fp32", precision} if precision != "fp32" else {"fp32"}
+    errors = []
+    for key, raw in given.items():
+        value = DTYPE_ALIASES.get(raw.lower(), raw) if isinstance(raw, str) else raw
+        given[key] = value
+        if value is not None and value not in REDUCTION_DTYPES:
+            errors.append(f"{key} is {raw!r}; DeepSpeed knows {', '.join(REDUCTION_DTYPES)} (or float32, bfloat16, "
+                          f"float16)")
+        elif value is not None and value not in allowed:
+            errors.append(f"{key} is {value!r} but train.precision is {precision!r}: reduce in fp32 (the "
+                          f"default) or in the compute dtype")
+    if errors:
+        raise UserError(f"deepspeed.config: {path} contradicts the spec:\n  " + "\n  ".join(errors))
+    return {key: value or "fp32" for key, value in given.items()}
+
+
 def lr_multiplier(optim: OptimSection, max_steps: int) -> Callable[[int], float]:
-    """lr factor for the update that follows `step` applied updates: linear warmup, then the schedule."""
+    """lr factor for the update of optimizer step ``step + 1`` (skipped steps count: trainer/loop.py moves the
+    scheduler on for them): linear warmup, then the schedule."""
     warmup, floor = optim.warmup_steps, optim.min_lr_ratio
 
     def multiplier(step: int) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.errors import UserError
 
@@ -25,8 +25,13 @@ class RunSection(_Section):
     # Everything the run writes (checkpoints, LoRA export, logs) goes here; default runs/<name>.
     output_dir: Path | None = None
     seed: int = Field(0, ge=0)
-    # A collective that waits longer than this (a rank died or hangs) stops every rank with an error.
+    # From the first optimizer step on: a collective that waits longer than this (a rank died or hangs), or a
+    # step without progress for this long, stops every rank with an error.
     collective_timeout_s: float = Field(300.0, gt=0)
+    # Start-up, from the rendezvous to the end of the first optimizer step (loading T5 and the transformer from
+    # a network filesystem, the first step of a real-size model): a rank slower than this stops every rank,
+    # and the message names it.
+    startup_timeout_s: float = Field(1800.0, gt=0)
 
     @property
     def dir(self) -> Path:
@@ -74,11 +79,13 @@ class OptimSection(_Section):
     # cosine and linear decay from lr to lr * min_lr_ratio at train.max_steps.
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
 
-    @model_validator(mode="after")
-    def _betas_in_range(self) -> OptimSection:
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must each be in [0, 1), got {list(self.betas)}")
-        return self
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        # a field validator, so that the error names optim.betas as every other field error does
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"must each be in [0, 1), got {list(betas)}")
+        return betas
 
 
 class TrainSection(_Section):
