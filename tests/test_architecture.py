@@ -16,7 +16,7 @@ LAYERS = [
     # 0: no trainer imports
     ["trainer", "errors", "rng", "files", "dtypes", "media", "reporting", "reporting.tables"],
     # 1: the contracts: the process environment, the spec, the shard format, the rank layout, the objective
-    ["process_env", "spec", "shard_format", "parallel", "diffusion", "reporting.writers"],
+    ["process_env", "spec", "shard_format", "parallel", "diffusion", "reporting.writers", "watchdog"],
     # 2: what the contracts are made into
     ["shard_index", "state", "families.base", "engine"],
     ["families.cogvideox_pipeline", "data", "checkpoint", "faults", "reporting.interval"],

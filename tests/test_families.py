@@ -158,3 +158,20 @@ def test_clip_sizes_the_model_cannot_make_are_refused_naming_the_option(tiny_5b)
     with pytest.raises(UserError, match=r"^height: 100 is not a multiple of 16 \(the VAE's 8x compression times "
                                         r"the transformer's patch size 2\)"):
         family.latent_shape(49, 100, 128, str)
+
+
+def test_a_hub_id_resolves_from_the_cache_under_the_per_node_lock(tiny_5b, tmp_path, monkeypatch):
+    """No hub here: the cache holds the snapshot (as a first rank's download leaves it) and the hub is offline;
+    the id resolves through snapshot_download under the node's lock, with the files the trainer needs."""
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_5b, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    resolved = resolve_model_dir("org/tiny", sampling=True)
+    assert resolved == snapshot and (resolved / "transformer" / "config.json").is_file()
+    assert (tmp_path / "hub" / ".trainer-org--tiny.lock").exists()
+    assert family_for(resolved).sample_shapes().prompt_shape == family_for(tiny_5b).sample_shapes().prompt_shape

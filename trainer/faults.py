@@ -8,17 +8,13 @@ step, not per micro-step.
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from trainer.errors import EXIT_LOST_PEER, EXIT_NONFINITE, EXIT_PREEMPTED
+from trainer.errors import EXIT_NONFINITE, EXIT_PREEMPTED
 from trainer.parallel import ParallelLayout
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -81,37 +77,3 @@ def too_many_nonfinite(count: int, last_step: int, checkpoint: Path | None) -> S
     return Stopped(EXIT_NONFINITE, f"{count} optimizer steps in a row (up to step {last_step}) had a non-finite loss "
                    f"or gradient norm and were skipped; stopping ({where}). Lower optim.lr, check the data with "
                    f"data_tools/inspect_shards.py, or raise train.max_consecutive_nonfinite.")
-
-
-class Watchdog:
-    """The backstop for a hang the collective backend does not time out: a peer that is stopped rather than
-    dead left gloo waiting in an all-reduce well past its timeout (measured here), and a stuck data loader or
-    filesystem has no timeout at all. If the training thread reports no progress for ``timeout_s``, this
-    thread says so and ends the process, so the launcher (or SLURM) sees a failure instead of a silent hang.
-    Built at start-up, it watches from ``start`` (the training loop's) until ``stop``.
-    """
-
-    def __init__(self, timeout_s: float, rank: int):
-        self.timeout_s, self.rank = timeout_s, rank
-        self._last, self._what = time.monotonic(), "start-up"
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="trainer-watchdog", daemon=True)
-
-    def start(self) -> None:
-        self.progress("start-up")
-        self._thread.start()
-
-    def progress(self, what: str) -> None:
-        self._last, self._what = time.monotonic(), what
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def _watch(self) -> None:
-        while not self._stopped.wait(min(5.0, self.timeout_s / 4)):
-            idle = time.monotonic() - self._last
-            if idle > self.timeout_s:
-                print(f"error [rank {self.rank}]: lost contact with another rank: no progress for {idle:.0f} s "
-                      f"since {self._what} (run.collective_timeout_s={self.timeout_s:g}); stopping. Rerun the same "
-                      f"command to resume from the last complete checkpoint.", file=sys.stderr, flush=True)
-                os._exit(EXIT_LOST_PEER)

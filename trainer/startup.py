@@ -2,7 +2,7 @@
 
 A bad input fails in preflight, cheaply and the same way on every rank. build joins the process group, lays
 out the ranks, indexes the shards (split over ranks), loads the model, wraps it in the DeepSpeed engine,
-restores the resume point and starts the watchdog.
+restores the resume point, watched from the rendezvous on by the start-up bound (trainer/watchdog.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from trainer.engine import assemble_config, build_engine, init_distributed
 from trainer.errors import UserError
 from trainer.families import load_family
 from trainer.families.base import ModelFamily, VideoModel
-from trainer.faults import Watchdog
 from trainer.parallel import ParallelLayout
 from trainer.process_env import env_world_size, share_cpu_threads
 from trainer.resume import ResumePoint
@@ -33,6 +32,7 @@ from trainer.shard_index import ShardIndex, build_index
 from trainer.spec import RunSpec
 from trainer.state import TrainerState
 from trainer.validation import Validation, preflight_validation
+from trainer.watchdog import STARTUP_COLLECTIVE_MARGIN_S, RollCall, Watchdog
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -81,7 +81,7 @@ class Run:
     dtype: torch.dtype  # the compute dtype
     costs: CostModel  # FLOPs per sample, for the logged TFLOP/s and MFU
     peak_tflops: float | None  # the device's bf16 peak (logging.peak_tflops, else by GPU name): MFU's divisor
-    watchdog: Watchdog  # ends the process when the run stops making progress (once the loop starts it)
+    watchdog: Watchdog  # ends the process when start-up, or later a step, stops making progress
     validation: Validation | None = None  # validation videos and loss, if the spec asks for them
 
     def heartbeat(self, what: str) -> None:
@@ -90,14 +90,20 @@ class Run:
 
 
 def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
-    init_distributed(timedelta(seconds=spec.run.collective_timeout_s))
+    # start-up's collectives wait as long as start-up may take; trainer/loop.py shortens it after the first step
+    init_distributed(timedelta(seconds=spec.run.startup_timeout_s + STARTUP_COLLECTIVE_MARGIN_S))
     layout = ParallelLayout.from_process_group()
+    watchdog = Watchdog(spec.run.startup_timeout_s, spec.run.collective_timeout_s, layout.rank, layout.world_size,
+                        RollCall.of_process_group(layout.rank, layout.world_size))
+    watchdog.start()
     if not torch.cuda.is_available():
         share_cpu_threads()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its per-rank INFO lines drown the progress
     # DeepSpeed calls torch collectives that torch marks deprecated; one warning per rank per call site.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    watchdog.progress("confirming the resume point")
     resume.confirm_point(plan.resume, layout)
+    watchdog.progress("indexing the shards")
     index = build_index(plan.shards, plan.shapes, layout.rank, layout.world_size, gather=layout.all_gather)
     if index.faults and spec.data.on_error == "fail":
         raise index.faults[0]
@@ -106,10 +112,14 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
                         f"problem(s); the first: {index.faults[0] if index.faults else 'none'})")
     resume.confirm_samples(plan.resume, index.fingerprint())
     # before the transformer is loaded: T5 comes and goes while the device is still empty
+    watchdog.progress("preparing validation (T5 encodes the prompts)")
     validation = Validation.prepare(spec, plan.family, plan.shapes, plan.validation_shards, layout)
     dtype = PRECISIONS[spec.train.precision]
+    watchdog.progress("loading the transformer")
     model = plan.family.load(spec.lora, dtype, spec.model.gradient_checkpointing, spec.run.seed)
+    watchdog.progress("building the DeepSpeed engine")
     engine = build_engine(spec, model, plan.ds_config)
+    engine.train()  # diffusers' from_pretrained leaves the module in eval mode (LoRA dropout off)
     noise = torch.Generator(device=engine.device)
     timesteps = TimestepSampler(
         spec.train.timestep_sampling, seed=spec.run.seed, rank=layout.data_rank, world_size=layout.data_size,
@@ -117,8 +127,8 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
         num_train_timesteps=plan.objective.num_train_timesteps, generator=noise)
     costs = CostModel(plan.family, spec.lora)
     peak = spec.logging.peak_tflops or device_peak_tflops(engine.device)
+    watchdog.progress("restoring the resume point")
     state = resume.restore(plan.resume, engine, layout, spec, index.fingerprint())  # last: it sets the generators
-    watchdog = Watchdog(spec.run.collective_timeout_s, layout.rank)
     run = Run(spec, layout, plan.family, engine, model, plan.objective.to(engine.device), timesteps, noise, dtype,
               costs, peak, watchdog, validation)
     return run, index, state

@@ -41,11 +41,22 @@ def resolve_model_dir(path: str, sampling: bool = False, weights: bool = True) -
     if not _HUB_ID.match(path):
         raise UserError(f"model.path: no such directory: {local}")
     try:
-        from huggingface_hub import snapshot_download
+        from filelock import FileLock
+        from huggingface_hub import constants, snapshot_download
 
         parts = ["vae/*", "tokenizer/*", "text_encoder/*"] if sampling else ["vae/config.json"]  # the latent scale
         transformer = "transformer/*" if weights else "transformer/config.json"
-        fetched = snapshot_download(path, allow_patterns=["model_index.json", transformer, "scheduler/*", *parts])
+        patterns = ["model_index.json", transformer, "scheduler/*", *parts]
+        # Every rank of a node starts here at once: one downloads while the others wait for the lock, then
+        # find the files in the cache (snapshot_download only asks the hub what it already has). A cache the
+        # ranks cannot write a lock into (read-only, shared) is used as it is.
+        lock = Path(constants.HF_HUB_CACHE) / f".trainer-{path.replace('/', '--')}.lock"
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(lock)):
+                fetched = snapshot_download(path, allow_patterns=patterns)
+        except PermissionError:
+            fetched = snapshot_download(path, allow_patterns=patterns)
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
         raise UserError(f"model.path: {path!r} is not a local directory and could not be fetched from the hub "
                         f"({exc})") from None
