@@ -16,7 +16,7 @@ import torch
 import webdataset as wds
 
 from helpers import META
-from trainer.data import MicroBatches, read_sample, resolve_shards, streaming
+from trainer.data import DataPosition, MicroBatches, read_sample, resolve_shards, streaming
 from trainer.errors import UserError
 from trainer.families import family_for
 from trainer.shard_format import SampleShapes, ShardError, decode_sample, encode_sample, shard_samples
@@ -62,9 +62,9 @@ def test_resolve_shards_forms_and_errors(tmp_path):
         resolve_shards(str(tmp_path / "empty"))
 
 
-def dataset(index, *, rank=0, world_size=1, start=0, seed=7, micro=1, shapes):
-    return MicroBatches(index, seed=seed, micro_batch_size=micro, start=start, rank=rank, world_size=world_size,
-                        shapes=shapes)
+def dataset(index, *, rank=0, world_size=1, position=None, group=None, seed=7, micro=1, shapes):
+    return MicroBatches(index, seed=seed, micro_batch_size=micro, position=position, group=group, rank=rank,
+                        world_size=world_size, shapes=shapes)
 
 
 def test_every_epoch_is_a_seeded_permutation_of_all_samples(tmp_path, shapes):
@@ -80,17 +80,55 @@ def test_every_epoch_is_a_seeded_permutation_of_all_samples(tmp_path, shapes):
 
 
 def test_the_sequence_is_one_for_any_number_of_ranks_and_resumes_from_samples_seen(tmp_path, shapes):
-    """Rank r of W takes global micro-batch start + k*W + r: 2 ranks together read exactly what 1 rank reads,
-    and a run resumed at `samples seen` on another number of ranks neither repeats nor skips a sample."""
+    """Rank r of W takes global micro-batch k*W + r from the start position: 2 ranks together read exactly what
+    1 rank reads with the same micro-batches per step (group), and a run resumed at its position on another
+    number of ranks neither repeats nor skips a sample."""
     index = build_index(write_shards(tmp_path, [[(4, 3, 12, 16)] * 5] * 2), shapes)  # 10 samples, 2 epochs below
-    one = [sample_ids(dataset(index, shapes=shapes)[k])[0] for k in range(20)]
-    two = [dataset(index, rank=r, world_size=2, shapes=shapes) for r in range(2)]
+    one = [sample_ids(dataset(index, group=2, shapes=shapes)[k])[0] for k in range(20)]  # 1 rank x accumulation 2
+    two = [dataset(index, rank=r, world_size=2, shapes=shapes) for r in range(2)]  # 2 ranks x accumulation 1
     interleaved = [sample_ids(two[k % 2][k // 2])[0] for k in range(20)]
     assert interleaved == one
-    # 2 ranks ran 3 steps of 2 micro-batches each (12 micro-batches, into epoch 2); 1 rank takes over
-    resumed = dataset(index, start=12, shapes=shapes)
+    # 2 ranks ran 6 steps (12 micro-batches, into epoch 2); 1 rank with accumulation 2 takes over
+    assert two[0].position_at(12) == DataPosition(1, 2, 2)
+    resumed = dataset(index, position=DataPosition(1, 2, 2), group=2, shapes=shapes)
     assert [sample_ids(resumed[k])[0] for k in range(8)] == one[12:20]
     assert resumed[0].position == (1, 2)  # epoch 1, its third micro-batch
+
+
+def test_every_optimizer_step_trains_one_shape_and_another_group_finishes_the_epoch_in_its_order(tmp_path, shapes):
+    small, large = (4, 3, 12, 16), (4, 2, 8, 8)
+    index = build_index(write_shards(tmp_path, [[small] * 9, [large] * 7]), shapes)
+    shape_of = {i: ref.shape for i, ref in enumerate(index.samples)}
+    # 2 ranks x accumulation 2: 4 micro-batches per optimizer step
+    ranks = [dataset(index, rank=r, world_size=2, group=4, shapes=shapes) for r in range(2)]
+    assert ranks[0].per_epoch == 8 + 4  # a shape's last partial step is dropped: 1 small and 3 large
+    step_shapes = []
+    for step in range(3 * 12 // 4):  # three epochs
+        batches = [ranks[r][2 * step + m] for m in range(2) for r in range(2)]  # every rank, every micro-step
+        step_shapes.append({shape_of[i] for b in batches for i in sample_ids(b)})
+    assert all(len(shapes_) == 1 for shapes_ in step_shapes)
+    assert {next(iter(s)) for s in step_shapes} == {small, large}
+    mixed = dataset(index, rank=0, world_size=1, group=1, shapes=shapes)  # micro-batch by micro-batch, as before
+    assert any(len({shape_of[sample_ids(mixed[4 * s + m])[0]] for m in range(4)}) > 1 for s in range(9))
+    for epoch in range(3):
+        ids = [i for batch in ranks[0].epoch_plan(epoch) for i in batch]
+        assert len(ids) == len(set(ids)) == 12
+
+    # one step trained (4 micro-batches of epoch 0), then 1 rank x accumulation 2 takes over: the rest of epoch 0
+    # in epoch 0's order, then epochs planned for 2 micro-batches a step
+    position = ranks[0].position_at(4)
+    assert position == DataPosition(0, 4, 4)
+    resumed = dataset(index, position=position, group=2, shapes=shapes)
+    before = [i for k in range(2) for r in range(2) for i in sample_ids(ranks[r][k])]
+    after = [i for k in range(8) for i in sample_ids(resumed[k])]
+    assert sorted(before + after) == sorted(i for b in ranks[0].epoch_plan(0) for i in b)  # none lost or repeated
+    assert resumed[8].position == (1, 0) and resumed.position_at(8) == DataPosition(1, 0, 2)
+    later = [{shape_of[sample_ids(resumed[k])[0]] for k in (s, s + 1)} for s in range(8, 8 + 2 * 6, 2)]
+    assert all(len(s) == 1 for s in later)
+    # 3 micro-batches a step: the 8 left of epoch 0 are 2 steps and 2 dropped, and epoch 1 starts on a step
+    odd = dataset(index, position=position, group=3, shapes=shapes)
+    assert odd.position_at(5) == DataPosition(0, 9, 4) and odd.position_at(6) == DataPosition(1, 0, 3)
+    assert all(len({shape_of[sample_ids(odd[k])[0]] for k in range(s, s + 3)}) == 1 for s in range(6, 6 + 3 * 6, 3))
 
 
 def test_micro_batches_hold_one_latent_shape_and_drop_partial_ones(tmp_path, shapes):
@@ -106,14 +144,14 @@ def test_micro_batches_hold_one_latent_shape_and_drop_partial_ones(tmp_path, sha
             assert (latent == i).all()  # each row is its own sample
         seen[tuple(batch.latents.shape[1:])] += 1
     assert seen[small] == 6 and seen[large] == 6
-    with pytest.raises(UserError, match="no latent shape has data.micro_batch_size=9 samples"):
+    with pytest.raises(UserError, match="no latent shape has the 9 samples of one optimizer step"):
         dataset(index, micro=9, shapes=shapes)
 
 
 @pytest.mark.parametrize("threads", [0, 1, 3])
 def test_reader_threads_return_the_sequence_in_order_and_stop_on_the_way_out(tmp_path, shapes, threads):
     index = build_index(write_shards(tmp_path, [[(4, 3, 12, 16)] * 2] * 4), shapes)
-    data = dataset(index, rank=1, world_size=2, start=6, micro=2, shapes=shapes)
+    data = dataset(index, rank=1, world_size=2, position=DataPosition(1, 2, 2), micro=2, shapes=shapes)
     with streaming(data, threads=threads) as stream:
         got = list(itertools.islice(stream, 9))  # past the end of an epoch (4 micro-batches each)
     assert not [t for t in threading.enumerate() if t.name.startswith("loader")]
@@ -283,6 +321,6 @@ def test_decode_rejects_missing_members_and_non_safetensors():
         decode_sample({k: v for k, v in raw.items() if k != "prompt_embeds.safetensors"})
     with pytest.raises(ShardError, match="latents.safetensors is not a valid safetensors blob"):
         decode_sample({**raw, "latents.safetensors": b"\x80\x04pickle?"})
-    with pytest.raises(ShardError, match="metadata is not valid JSON"):
+    with pytest.raises(ShardError, match="the json member is not valid JSON"):
         decode_sample({**raw, "json": b"{"})
     assert json.loads(raw["json"]) == META

@@ -6,7 +6,7 @@ import pytest
 
 from trainer.errors import UserError
 from trainer.faults import StepDecision
-from trainer.loop import actions
+from trainer.loop import actions, valid_mean
 from trainer.parallel import ParallelLayout
 from trainer.spec import RunSpec
 from trainer.state import TrainerState
@@ -57,3 +57,12 @@ def test_the_step_decision(step, streak, shared, expected):
         stopped = todo.after_validation(stop=True)
         assert stopped.stop and stopped.save and stopped.log == todo.log
         assert todo.after_validation(stop=False) == todo
+
+
+def test_an_unreadable_sample_is_neither_in_the_sum_nor_in_the_count():
+    import torch
+
+    losses = torch.tensor([1.0, 30.0, 5.0])  # the 30 is what a zero-filled stand-in might score
+    assert valid_mean(losses, torch.tensor([True, False, True])).item() == 3.0
+    assert valid_mean(losses, torch.tensor([True, True, True])).item() == 12.0
+    assert valid_mean(losses, torch.tensor([False, False, False])).item() == 0.0

@@ -172,7 +172,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_and_back(tiny_5b, shards_10, 
 
     shapes = family_for(tiny_5b).sample_shapes()
     data = MicroBatches(build_index(sorted(map(str, shards_10.glob("*.tar"))), shapes), seed=0, micro_batch_size=1,
-                        start=0, rank=0, world_size=1, shapes=shapes)
+                        group=4, rank=0, world_size=1, shapes=shapes)
     log = sample_log(run_dir)
     assert sorted(log) == list(range(1, 10))
     for step, records in log.items():

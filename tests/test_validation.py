@@ -190,7 +190,7 @@ def _evaluate_twice(rank: int, world_size: int, port: int, spec: dict, out: str)
     dist.all_gather_object(everyone, first)
     assert everyone[0] == everyone[1]
 
-    batches = MicroBatches(index, seed=0, micro_batch_size=1, start=0, rank=rank, world_size=world_size,
+    batches = MicroBatches(index, seed=0, micro_batch_size=1, rank=rank, world_size=world_size,
                            shapes=plan.shapes)
     train_step(run, iter([batches[k] for k in range(2)]), 1)
     after = evaluate()

@@ -1,12 +1,18 @@
 """Training micro-batches read by offset from webdataset shards, in an order that survives any resume.
 
-Each epoch is one seeded permutation of every indexed sample (the same on every rank); samples are grouped
-into micro-batches of one latent shape in that order, and a shape's last partial micro-batch of the epoch is
-dropped. Every epoch therefore has the same number of micro-batches, and the run's micro-batches form one
-global sequence: micro-batch g of the run is epoch g // per_epoch, position g % per_epoch. Data-parallel
-rank r of W (trainer/parallel.py) takes g = start + k*W + r for its k-th micro-batch. The data position is
-the single number ``start`` (global micro-batches consumed = samples seen / micro batch size), so a resume
-on the same or another number of ranks continues the sequence without repeating or skipping a sample.
+Each epoch is one seeded permutation of every indexed sample (the same on every rank). Samples are grouped, in
+that order, into micro-batches of one latent shape, and a shape's micro-batches into runs of ``group`` =
+data-parallel ranks x accumulation micro-batches: one run is one optimizer step, so every micro-batch of a
+step, on every rank and every micro-step, has the same shape and no rank waits for another's larger one. A
+shape's last partial run of the epoch is dropped (a different few samples each epoch, as the permutation
+changes). Run after run, the epochs form the run's global micro-batch sequence; data-parallel rank r of W
+(trainer/parallel.py) takes micro-batch k*W + r of it, counted from where the run (re)started.
+
+The position is a DataPosition: the epoch, the micro-batch within it, and the group that epoch was planned
+with. A resume with the same group continues the same sequence bit for bit; with another (another number of
+ranks or accumulation) it finishes the interrupted epoch in that epoch's order (nothing repeated, and nothing
+lost but fewer than one new step's micro-batches at its end, so that the epochs after it start on a step
+boundary; its steps may mix shapes) and plans the epochs after it for the new group.
 """
 
 from __future__ import annotations
@@ -101,50 +107,91 @@ def check_latent_scale(shards: list[str], ours: float | None, model_dir: Path, f
                             f"Repack them with data_tools/shard.py --model {model_dir}")
 
 
-class MicroBatches:
-    """Micro-batch k of one data-parallel rank; a pure function of (index, seed, micro batch, start, data-parallel
-    rank and size)."""
+class DataPosition(NamedTuple):
+    """Where the global micro-batch sequence goes on: ``micro_batch`` of ``epoch``, planned with ``group``."""
 
-    def __init__(self, index: ShardIndex, *, seed: int, micro_batch_size: int, start: int, rank: int,
-                 world_size: int, shapes: SampleShapes, pin_memory: bool = False):
+    epoch: int = 0
+    micro_batch: int = 0
+    group: int = 1
+
+
+class MicroBatches:
+    """Micro-batch k of one data-parallel rank; a pure function of (index, seed, micro batch, group, position,
+    data-parallel rank and size)."""
+
+    def __init__(self, index: ShardIndex, *, seed: int, micro_batch_size: int, rank: int, world_size: int,
+                 shapes: SampleShapes, group: int | None = None, position: DataPosition | None = None,
+                 pin_memory: bool = False):
         self.index, self.seed, self.micro_batch_size = index, seed, micro_batch_size
-        self.start, self.rank, self.world_size = start, rank, world_size
+        self.rank, self.world_size = rank, world_size
+        self.group = world_size if group is None else group  # micro-batches per optimizer step, all ranks
+        self.position = position if position is not None else DataPosition(0, 0, self.group)
         self.prompt_shape = shapes.prompt_shape
         self.pin_memory = pin_memory  # batches are read straight into page-locked memory for async copies
-        counts: dict[tuple, int] = defaultdict(int)
+        self.shape_counts: dict[tuple, int] = defaultdict(int)
         for ref in index.samples:
-            counts[ref.shape] += 1
-        self.per_epoch = sum(n // micro_batch_size for n in counts.values())
+            self.shape_counts[ref.shape] += 1
+        self.per_epoch = self.epoch_length(self.group)
         if self.per_epoch == 0:
-            raise UserError(f"data.shards: no latent shape has data.micro_batch_size={micro_batch_size} samples "
-                            f"({dict(counts) or 'no usable samples'}); lower the micro batch size or add data")
-        self._plans: dict[int, list[list[int]]] = {}  # this epoch's and the next: reader threads straddle the two
+            step = micro_batch_size * self.group
+            raise UserError(f"data.shards: no latent shape has the {step} samples of one optimizer step "
+                            f"(data.micro_batch_size={micro_batch_size} x {self.group} micro-batches: data-"
+                            f"parallel ranks x train.gradient_accumulation_steps; the shapes have "
+                            f"{dict(self.shape_counts) or 'no usable samples'}); lower one of them or add data")
+        self._plans: dict[tuple[int, int], list[list[int]]] = {}  # recent epochs: readers straddle two
         self._plans_lock = threading.Lock()
 
-    def epoch_plan(self, epoch: int) -> list[list[int]]:
-        """The epoch's micro-batches as sample ids: a seeded permutation, grouped by shape in that order."""
+    def epoch_length(self, group: int) -> int:
+        """Micro-batches in an epoch planned with ``group``."""
+        step = self.micro_batch_size * group
+        return sum(n // step * group for n in self.shape_counts.values())
+
+    def never_trained(self) -> dict[tuple, int]:
+        """Shapes with fewer samples than one optimizer step takes: no epoch trains them."""
+        step = self.micro_batch_size * self.group
+        return {shape: n for shape, n in self.shape_counts.items() if n < step}
+
+    def epoch_plan(self, epoch: int, group: int | None = None) -> list[list[int]]:
+        """The epoch's micro-batches as sample ids: a seeded permutation, cut into micro-batches of one shape in
+        that order, emitted in runs of ``group`` of one shape as each run fills."""
+        group = self.group if group is None else group
         with self._plans_lock:  # computed once, however many reader threads ask
-            if epoch not in self._plans:
+            if (epoch, group) not in self._plans:
                 n = len(self.index.samples)
                 order = random.Random(derive_seed(self.seed, Stream.DATA_ORDER, epoch)).sample(range(n), n)
-                buckets: dict[tuple, list[int]] = defaultdict(list)
+                filling: dict[tuple, list[int]] = defaultdict(list)
+                runs: dict[tuple, list[list[int]]] = defaultdict(list)
                 plan = []
                 for i in order:
-                    bucket = buckets[self.index.samples[i].shape]
-                    bucket.append(i)
-                    if len(bucket) == self.micro_batch_size:
-                        plan.append(bucket.copy())
-                        bucket.clear()
-                self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
-                self._plans[epoch] = plan
-            return self._plans[epoch]
+                    shape = self.index.samples[i].shape
+                    batch = filling[shape]
+                    batch.append(i)
+                    if len(batch) == self.micro_batch_size:
+                        runs[shape].append(batch.copy())
+                        batch.clear()
+                        if len(runs[shape]) == group:
+                            plan.extend(runs.pop(shape))
+                self._plans = {key: p for key, p in self._plans.items() if key[0] >= epoch - 1}
+                self._plans[epoch, group] = plan
+            return self._plans[epoch, group]
 
-    def global_position(self, k: int) -> int:
-        return self.start + k * self.world_size + self.rank
+    def position_at(self, offset: int) -> DataPosition:
+        """The position of global micro-batch ``offset`` counted from this run's start position: the rest of
+        the start epoch in its own plan, then whole epochs planned with this run's group."""
+        start = self.position
+        left = self.epoch_length(start.group) - start.micro_batch
+        left -= left % self.group  # under another group: its last partial step is dropped, as every epoch's are
+        if offset < left:
+            return DataPosition(start.epoch, start.micro_batch + offset, start.group)
+        epochs, within = divmod(offset - left, self.per_epoch)
+        return DataPosition(start.epoch + 1 + epochs, within, self.group)
+
+    def global_position(self, k: int) -> DataPosition:
+        return self.position_at(k * self.world_size + self.rank)
 
     def __getitem__(self, k: int) -> Batch:
-        epoch, j = divmod(self.global_position(k), self.per_epoch)
-        refs = [self.index.samples[i] for i in self.epoch_plan(epoch)[j]]
+        epoch, j, group = self.global_position(k)
+        refs = [self.index.samples[i] for i in self.epoch_plan(epoch, group)[j]]
         # one tensor per batch, each sample read into its row: no decode, stack or hand-over copies
         latents = self._empty(refs, 0, refs[0].shape)
         prompts = self._empty(refs, 1, self.prompt_shape)
@@ -164,6 +211,16 @@ class MicroBatches:
     def _empty(self, refs: list[SampleRef], member: int, shape: tuple[int, ...]) -> torch.Tensor:
         dtype = functools.reduce(torch.promote_types, (SAFETENSORS_FLOATS[r.dtypes[member]] for r in refs))
         return torch.empty((len(refs), *shape), dtype=dtype, pin_memory=self.pin_memory)
+
+
+def flat_position(index: ShardIndex, micro_batch_size: int, consumed: int) -> DataPosition:
+    """The position of a checkpoint saved before positions had a group: its epochs were planned micro-batch by
+    micro-batch (group 1), and the position was micro-batches consumed."""
+    counts: dict[tuple, int] = defaultdict(int)
+    for ref in index.samples:
+        counts[ref.shape] += 1
+    epoch, within = divmod(consumed, sum(n // micro_batch_size for n in counts.values()))
+    return DataPosition(epoch, within, 1)
 
 
 def read_sample(index: ShardIndex, ref: SampleRef, prompt_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,5 +309,5 @@ def streaming(dataset: MicroBatches, threads: int) -> Iterator[Iterator[Batch]]:
                 future.cancel()  # the reads already running finish (milliseconds); the pool then joins them
 
 
-__all__ = ["Batch", "MicroBatches", "ShardError", "check_first_sample", "check_latent_scale", "read_sample",
-           "read_sample_into", "resolve_shards", "streaming"]
+__all__ = ["Batch", "DataPosition", "MicroBatches", "ShardError", "check_first_sample", "check_latent_scale",
+           "flat_position", "read_sample", "read_sample_into", "resolve_shards", "streaming"]

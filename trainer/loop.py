@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from trainer.checkpoint import Checkpointer
-from trainer.data import Batch, MicroBatches, streaming
+from trainer.data import Batch, DataPosition, MicroBatches, flat_position, streaming
 from trainer.errors import UserError
 from trainer.export import export_lora
 from trainer.faults import StepDecision, StopSignals, decide, preempted, too_many_nonfinite
@@ -28,9 +28,11 @@ from trainer.reporting.startup_table import print_startup
 from trainer.reporting.writers import Reporter, duration
 from trainer.rng import Stream, derive_seed
 from trainer.shard_format import ShardError
+from trainer.shard_index import ShardIndex
 from trainer.spec import RunSpec
 from trainer.startup import Run, build, preflight
 from trainer.state import TrainerState
+from trainer.watchdog import set_collective_timeout
 
 
 def train(spec: RunSpec) -> Path | None:
@@ -40,6 +42,10 @@ def train(spec: RunSpec) -> Path | None:
     plan = preflight(spec)
     try:
         run, index, state = build(spec, plan)
+        dataset = MicroBatches(index, seed=spec.run.seed, micro_batch_size=spec.data.micro_batch_size,
+                               rank=run.layout.data_rank, world_size=run.layout.data_size, shapes=plan.shapes,
+                               group=run.layout.data_size * spec.train.gradient_accumulation_steps,
+                               position=data_position(state, index), pin_memory=run.engine.device.type == "cuda")
         reporter = open_run_dir(spec, run.layout, state, index)
     except UserError as exc:
         exc.on_every_rank = True  # start-up decides the same on every rank: one message is enough
@@ -47,16 +53,28 @@ def train(spec: RunSpec) -> Path | None:
     print_startup(reporter, spec=spec, layout=run.layout, engine=run.engine, family=run.family, model=run.model,
                   index=index, shards=len(plan.shards), state=state, resume=plan.resume,
                   held_out=run.validation.loss_index if run.validation is not None else None)
-    dataset = MicroBatches(index, seed=spec.run.seed, micro_batch_size=spec.data.micro_batch_size,
-                           start=state.micro_batches_consumed, rank=run.layout.data_rank,
-                           world_size=run.layout.data_size, shapes=plan.shapes,
-                           pin_memory=run.engine.device.type == "cuda")
     loop = Loop(run, state, reporter, signals, dataset, last_checkpoint=plan.resume.checkpoint)
-    loop.validate(state.optimizer_step)  # what a stop at the checkpoint's step left undone (nothing otherwise)
+    for shape, count in dataset.never_trained().items():
+        reporter.event(state.optimizer_step, "data_warning", f"latent shape {list(shape)} has {count} sample(s), "
+                       f"fewer than one optimizer step's {spec.data.micro_batch_size * dataset.group}: never trained "
+                       f"(every step trains one shape)", shape=list(shape), samples=count)
+    if loop.validation_due(state.optimizer_step):  # what a stop at the checkpoint's step left undone
+        run.watchdog.restart_startup(f"the validation of optimizer step {state.optimizer_step}")
+        loop.validate(state.optimizer_step)
+        run.watchdog.restart_startup(f"optimizer step {state.optimizer_step + 1}")
     with streaming(dataset, threads=spec.data.num_workers) as stream:
         for optimizer_step in range(state.optimizer_step + 1, spec.train.max_steps + 1):
             loop.step(stream, optimizer_step)
     return loop.finish()
+
+
+def data_position(state: TrainerState, index: ShardIndex) -> DataPosition | None:
+    """Where the data goes on (None: the start)."""
+    if state.data_position is not None:
+        return DataPosition(*state.data_position)
+    if state.samples_seen:  # a checkpoint from before positions had a group
+        return flat_position(index, state.micro_batch_size, state.micro_batches_consumed)
+    return None
 
 
 @dataclass(frozen=True)
@@ -97,9 +115,9 @@ class Loop:
         self.checkpointer = Checkpointer(self.spec.run.dir / "checkpoints", self.spec.checkpoint.keep_last, run.layout)
         self.samples = SampleLog(self.spec.run.dir, run.layout.rank) if self.spec.logging.sample_keys else None
         self.interval = Interval(self.engine.device, run.objective.num_train_timesteps, run.layout, run.peak_tflops)
-        run.watchdog.start()
         self.last_save, self.last_loss = time.monotonic(), float("nan")
         self.started, self.first_step = time.perf_counter(), state.optimizer_step
+        self.consumed = 0  # global micro-batches trained this session
 
     def step(self, stream: Iterator[Batch], optimizer_step: int) -> None:
         lr = self.engine.get_lr()[0]  # the rate this step's update uses; the scheduler moves on inside the step
@@ -108,6 +126,9 @@ class Loop:
         every_minutes = self.spec.checkpoint.every_minutes
         time_due = every_minutes is not None and time.monotonic() - self.last_save >= 60 * every_minutes
         decision = self.decide(time_due, len(out.faults), out.readable)
+        if self.run.watchdog.in_startup:  # every rank is past its first step: the steady bound from now on
+            set_collective_timeout(self.spec.run.collective_timeout_s)
+            self.run.watchdog.started_up()
         self.check_data(out, decision, optimizer_step)
         self.reporter.advance(optimizer_step)
 
@@ -135,24 +156,34 @@ class Loop:
     def validate(self, optimizer_step: int) -> bool:
         """Validation due after this optimizer step and not yet done; returns whether it ran. Before the step's
         checkpoint, which then records it done: a run stopped before validating does it when it resumes."""
-        validation = self.run.validation
-        if validation is None or self.state.validated_step >= optimizer_step:
+        if not self.validation_due(optimizer_step):
             return False
-        if not any(validation.due(optimizer_step)):
-            return False
-        validation(self.run, optimizer_step, self.reporter, self.run.heartbeat)
+        assert self.run.validation is not None
+        self.run.validation(self.run, optimizer_step, self.reporter, self.run.heartbeat)
         self.state.validated_step = optimizer_step
         return True
+
+    def validation_due(self, optimizer_step: int) -> bool:
+        validation = self.run.validation
+        return (validation is not None and self.state.validated_step < optimizer_step
+                and any(validation.due(optimizer_step)))
 
     def count(self, out: StepOutput, optimizer_step: int) -> None:
         state = self.state
         state.optimizer_step = optimizer_step
         state.micro_step += self.spec.train.gradient_accumulation_steps
         state.samples_seen += self.engine.train_batch_size()
+        self.consumed += self.dataset.group
+        state.data_position = list(self.dataset.position_at(self.consumed))
         if self.samples is not None:
             self.samples.write(optimizer_step, out.batches)
         applied = self.engine.was_step_applied()  # DeepSpeed skips an update whose gradients are not finite
         self.interval.add(out.loss, out.buckets, out.tokens, out.flops, out.data_wait_s, applied)
+        if not applied and self.engine.lr_scheduler is not None:
+            # DeepSpeed holds the schedule on a skipped update; ours follows optimizer steps, skipped ones
+            # included, so that it reaches its floor at train.max_steps whatever was skipped (and a resume,
+            # which restores the scheduler, continues it alike)
+            self.engine.lr_scheduler.step()
         if applied:
             state.consecutive_nonfinite = 0
         elif nonfinite_step(self.run, out, optimizer_step, self.reporter):
@@ -177,10 +208,10 @@ class Loop:
             "data_errors": self.state.data_errors})
 
     def save(self, optimizer_step: int) -> None:
-        position = divmod(self.state.micro_batches_consumed + self.run.layout.data_rank, self.dataset.per_epoch)
+        position = (self.state.data_position or [0, 0])[:2]
         self.run.heartbeat(f"the checkpoint save of optimizer step {optimizer_step}")
         self.last_checkpoint = self.checkpointer.save(self.engine, self.state,
-                                                      {"next_epoch_and_micro_batch": list(position)})  # the next
+                                                      {"next_epoch_and_micro_batch": position})
         self.run.heartbeat(f"the checkpoint save of optimizer step {optimizer_step}")
         self.last_save = time.monotonic()
         self.reporter.event(optimizer_step, "checkpoint", f"saved {self.last_checkpoint}")
@@ -251,9 +282,8 @@ def train_step(run: Run, stream: Iterator[Batch], optimizer_step: int) -> StepOu
         prompt = batch.prompt_embeds.to(device, non_blocking=True).to(run.dtype)  # cast on the device
         t = run.timesteps(optimizer_step, micro_step)
         per_sample = run.objective.training_loss(engine, x0, prompt, t, run.noise, run.dtype)
-        # a sample that could not be read stands in as zeros and contributes nothing
         valid = batch.valid.to(device, non_blocking=True)
-        loss = torch.where(valid, per_sample, 0.0).mean()
+        loss = valid_mean(per_sample, valid)
         engine.backward(loss)
         engine.step()  # applies the clipped update only at the accumulation boundary
         run.heartbeat(f"micro-step {micro_step} of optimizer step {optimizer_step}")
@@ -264,6 +294,12 @@ def train_step(run: Run, stream: Iterator[Batch], optimizer_step: int) -> StepOu
         out.faults.extend(batch.faults)
         out.readable += len(batch.keys) - len(batch.faults)
     return out
+
+
+def valid_mean(per_sample: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The micro-batch's mean loss over the samples that could be read: one that could not stands in as zeros
+    (the positions stay exact) and is neither in the sum nor in the count; none readable gives 0."""
+    return torch.where(valid, per_sample, 0.0).sum() / valid.sum().clamp(min=1)
 
 
 def nonfinite_step(run: Run, out: StepOutput, optimizer_step: int, reporter: Reporter) -> bool:

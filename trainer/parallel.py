@@ -65,20 +65,26 @@ class ParallelLayout:
         """The ranks that hold the same part of each sample (one data-parallel group per sequence rank)."""
         return [tuple(range(s, self.world_size, self.sequence)) for s in range(self.sequence)]
 
-    # Collectives over the whole world: every rank calls them, in the same order.
+    # Collectives over the whole world: every rank calls them, in the same order. A world of one has nothing
+    # to exchange: they return at once (the per-step decision and the log step's sums cost a gloo round trip
+    # each otherwise).
 
     def all_gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank (pickled: our own ranks' objects only)."""
+        if self.world_size == 1:
+            return [obj]
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, obj)
         return gathered
 
     def barrier(self) -> None:
-        dist.barrier()
+        if self.world_size > 1:
+            dist.barrier()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place; returns it."""
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
     def sum(self, values: list) -> torch.Tensor:
@@ -91,6 +97,8 @@ class ParallelLayout:
     def max(self, values: list[float]) -> torch.Tensor:
         """All-reduce max of a few Python numbers as one float64 vector on the CPU."""
         vector = torch.tensor(values, dtype=torch.float64)
+        if self.world_size == 1:
+            return vector
         if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
             vector = vector.cuda()
         dist.all_reduce(vector, op=dist.ReduceOp.MAX)

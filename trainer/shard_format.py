@@ -114,16 +114,24 @@ def load_tensor(blob: bytes, member: str, name: str, ndim: int, shard: str, key:
     return tensor
 
 
+def load_meta(blob: bytes, shard: str, key: str) -> dict:
+    """A sample's json member: a JSON object, else a ShardError naming shard and key."""
+    try:
+        meta = json.loads(blob)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ShardError(shard, key, f"the json member is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ShardError(shard, key, f"the json member holds a {type(meta).__name__}, not a JSON object")
+    return meta
+
+
 def decode_sample(raw: dict) -> Sample:
     """Turn webdataset's raw member dict into a Sample; raise ShardError naming what is wrong."""
     key, shard = raw.get("__key__", "?"), raw.get("__url__", "?")
     missing = [m for m in MEMBERS if m not in raw]
     if missing:
         raise ShardError(shard, key, f"missing member(s) {missing}")
-    try:
-        meta = json.loads(raw[META])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ShardError(shard, key, f"metadata is not valid JSON ({exc})") from None
+    meta = load_meta(raw[META], shard, key)
     return Sample(
         key=key,
         shard=shard,

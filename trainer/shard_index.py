@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from trainer.dtypes import SAFETENSORS_FLOATS
-from trainer.shard_format import LATENTS, MEMBERS, PROMPT_EMBEDS, SampleShapes, ShardError
+from trainer.shard_format import LATENTS, MEMBERS, META, PROMPT_EMBEDS, SampleShapes, ShardError, load_meta
 
 MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+MAX_META = 1_000_000  # a sample's json member is a few hundred bytes; one larger than this is not ours
 _KEY_AND_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's split: key up to the first dot
 
 
@@ -145,6 +146,13 @@ def index_shard(path: str, shard_id: int, shapes: SampleShapes) -> tuple[list[Sa
                 prompt = tensor_header(file.fileno(), members[PROMPT_EMBEDS], path, key, PROMPT_EMBEDS,
                                        "prompt_embeds")
                 shapes.check(path, key, latents.shape, prompt.shape)
+                # the metadata is small and never read in training: check it here, or a corrupt member would
+                # train unnoticed (and uncounted) whatever data.on_error says
+                meta = members[META]
+                if meta.size > MAX_META:
+                    raise ShardError(path, key, f"the json member is {meta.size:,} bytes: metadata, not data, "
+                                                f"belongs there (at most {MAX_META:,})")
+                load_meta(_pread(file.fileno(), meta.size, meta.offset, path, key), path, key)
             except ShardError as exc:
                 faults.append(exc)
                 continue

@@ -31,6 +31,7 @@ class TrainerState:
     data_errors: int = 0  # samples skipped under data.on_error=skip, over all ranks
     consecutive_unreadable: int = 0  # optimizer steps in a row none of whose samples could be read
     validated_step: int = 0  # the last optimizer step whose validation (videos, loss) was done
+    data_position: list[int] | None = None  # the next micro-batch: [epoch, within it, its plan's group] (data.py)
     # what the position means: a resume refuses to continue a different sample sequence
     world_size: int = 1
     micro_batch_size: int = 1
@@ -48,7 +49,7 @@ class TrainerState:
 
     @property
     def micro_batches_consumed(self) -> int:
-        """Position in the run's global micro-batch sequence (trainer/data.py)."""
+        """Global micro-batches trained (all ranks); before positions had a group, the data position."""
         return self.samples_seen // self.micro_batch_size
 
 

@@ -73,8 +73,8 @@ class Reporter:
         progress.start()
 
     def print(self, *args: Any) -> None:
-        if self.active:
-            self.console.print(*args, soft_wrap=True)
+        if self.active:  # plain text: rich's highlighter scans every line for numbers otherwise (~1 ms a line)
+            self.console.print(*args, soft_wrap=True, highlight=False, markup=False)
 
     def table(self, title: str, rows: list[tuple[str, str]]) -> None:
         """Two columns, name and value: the run at start-up and its summary at the end."""
