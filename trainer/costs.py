@@ -69,6 +69,8 @@ class ZeroSettings:
     contiguous_gradients: bool = True
     prefetch_bucket_size: int = 50_000_000
     persistence_threshold: int = 100_000
+    max_live_parameters: int = 1_000_000_000  # ZeRO-3: gathered parameters the coordinator lets live at once
+    communication_bytes: int = 4  # per element of a gradient reduction (communication_data_type; fp32 default)
     offload_optimizer: bool = False
     offload_param: bool = False
 
@@ -85,6 +87,9 @@ class ZeroSettings:
                    contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
                    prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size", 50_000_000)),
                    persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
+                   max_live_parameters=int(zero.get("stage3_max_live_parameters", 1_000_000_000)),
+                   communication_bytes={"fp32": 4, "bf16": 2, "fp16": 2}[config.get("communication_data_type",
+                                                                                     "fp32")],
                    offload_optimizer=offloaded("offload_optimizer"), offload_param=offloaded("offload_param"))
 
 
@@ -210,9 +215,11 @@ class CostModel:
                 host["frozen weights"], device["frozen weights"] = partition, small * dtype_bytes
             else:
                 device["frozen weights"] = partition + small * dtype_bytes
-            # each layer gathers its full weights when it runs, with the next bucket prefetched
-            gathered = (self.block_params + zero.prefetch_bucket_size) * dtype_bytes
-            device["frozen weights gathered to compute"] = min(gathered, self.params_frozen * dtype_bytes)
+            # each layer gathers its full weights when it runs, with the next bucket prefetched; what stays
+            # gathered beyond that (parameters used again soon, the backward's first blocks) is bounded by
+            # stage3_max_live_parameters, and all of it by the model itself
+            live = max(self.block_params + zero.prefetch_bucket_size, zero.max_live_parameters)
+            device["frozen weights gathered to compute"] = min(live, self.params_frozen) * dtype_bytes
             device["LoRA weights"] = lora * dtype_bytes / world
         else:
             device["frozen weights"] = self.params_frozen * dtype_bytes
@@ -224,8 +231,10 @@ class CostModel:
         states["fp32 gradients"] = 4 * lora / world if zero.stage == 3 else 4 * lora
         # gradients are copied into flat buffers of reduce_bucket_size elements, allocated whole however small
         # the model (ZeRO-2: two with overlap_comm, to reduce one while filling the other)
-        if zero.stage == 3 or zero.contiguous_gradients:
-            buffers = 2 if zero.stage == 2 and zero.overlap_comm else 1
+        if zero.stage == 3:  # one flat buffer, in the communication dtype (measured: fp32 doubles it)
+            device["gradient reduce buckets"] = zero.reduce_bucket_size * zero.communication_bytes
+        elif zero.contiguous_gradients:
+            buffers = 2 if zero.overlap_comm else 1
             device["gradient reduce buckets"] = zero.reduce_bucket_size * dtype_bytes * buffers
         else:
             device["gradient reduce buckets"] = min(zero.reduce_bucket_size, lora) * dtype_bytes
