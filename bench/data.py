@@ -103,7 +103,7 @@ def bench(args: argparse.Namespace, shards: list[str], kind: str) -> int:
     raw_bytes = sum(raw_read(shards) for _ in range(args.epochs))
     raw_s = time.perf_counter() - start
 
-    dataset = MicroBatches(index, seed=0, micro_batch_size=args.micro_batch, start=0, rank=0, world_size=1,
+    dataset = MicroBatches(index, seed=0, micro_batch_size=args.micro_batch, rank=0, world_size=1,
                            shapes=shapes, pin_memory=torch.cuda.is_available())
     batches = args.epochs * dataset.per_epoch - 1
     if batches == 0:

@@ -8,9 +8,10 @@ Each configuration starts its ranks (gloo on a CPU, one GPU each otherwise), bui
 (preflight, build: model, engine) and trains a few optimizer steps with its train_step. Per rank:
   frozen     bytes of frozen (base) weights the rank holds between steps (ZeRO-3: its partition, plus the
              small parameters kept whole)
-  peak       the peak of live tensor bytes from model load to the last step: torch.cuda.max_memory_allocated
+  peak       the peak of live tensor bytes while training (the optimizer steps): torch.cuda.max_memory_allocated
              on a GPU; on a CPU the same count from the allocator's events (torch.profiler, profile_memory)
-  estimate   trainer/costs.py's estimate for the same spec (what --dry-run prints)
+  estimate   trainer/costs.py's estimate for the same spec (what --dry-run prints): of the training peak
+  start-up   the peak before the first step (model load, the engine's conversion of the model to ZeRO)
   rss        the process's peak resident memory (interpreter and libraries included)
 """
 
@@ -45,14 +46,16 @@ def frozen_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def live_peak(prof) -> int:
-    """Peak of live CPU tensor bytes over a profile: every allocation (+) and free (-), summed in time order."""
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, delta in events:
+def live_peaks(prof, phase: str) -> tuple[int, int]:
+    """Peaks of live CPU tensor bytes over a profile (every allocation +, every free -, summed in time order)
+    before the ``phase`` range began (start-up) and from then on."""
+    events = prof.profiler.kineto_results.events()
+    begin = min(e.start_ns() for e in events if e.name() == phase)
+    live, peaks = 0, [0, 0]
+    for start, delta in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
         live += delta
-        peak = max(peak, live)
-    return peak
+        peaks[start >= begin] = max(peaks[start >= begin], live)
+    return peaks[0], peaks[1]
 
 
 def worker(rank: int, world_size: int, port: int, spec_path: str, steps: int, out: str) -> None:
@@ -72,17 +75,25 @@ def worker(rank: int, world_size: int, port: int, spec_path: str, steps: int, ou
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     with prof if not cuda else contextlib.nullcontext():
         run, index, _ = build(spec, plan)
-        dataset = MicroBatches(index, seed=0, micro_batch_size=spec.data.micro_batch_size, start=0, rank=rank,
+        dataset = MicroBatches(index, seed=0, micro_batch_size=spec.data.micro_batch_size, rank=rank,
                                world_size=world_size, shapes=plan.shapes)
-        with streaming(dataset, threads=0) as stream:
+        if cuda:
+            torch.cuda.synchronize()
+            startup_peak = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        with streaming(dataset, threads=0) as stream, torch.profiler.record_function("training"):
             for step in range(1, steps + 1):
                 train_step(run, stream, step)
-    peak = torch.cuda.max_memory_allocated() if cuda else live_peak(prof)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        startup_peak, peak = live_peaks(prof, "training")
     shape = index.samples[0].shape
     estimate = run.costs.memory(shape, spec.data.micro_batch_size, ZeroSettings.from_config(plan.ds_config, world_size),
                                 PRECISIONS[spec.train.precision].itemsize, spec.model.gradient_checkpointing)
     Path(out, f"rank{rank}.json").write_text(json.dumps({
-        "frozen": frozen_bytes(run.model), "peak": peak, "estimate": estimate.total, "parts": estimate.parts,
+        "frozen": frozen_bytes(run.model), "peak": peak, "startup_peak": startup_peak, "estimate": estimate.total,
+        "parts": estimate.parts,
         "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -97,7 +108,7 @@ def measure(work: Path, size: str, world_size: int, stage: int, steps: int) -> d
     out.mkdir(exist_ok=True)
     mp.spawn(worker, args=(world_size, free_port(), str(spec), steps, str(out)), nprocs=world_size)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
-    largest = {key: max(r[key] for r in ranks) for key in ("frozen", "peak", "estimate", "rss")}
+    largest = {key: max(r[key] for r in ranks) for key in ("frozen", "peak", "startup_peak", "estimate", "rss")}
     return largest | {"parts": ranks[0]["parts"]}
 
 
@@ -116,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
                 for world_size in args.ranks or [1, 2]:
                     r = results[(size, stage, world_size)] = measure(Path(tmp), size, world_size, stage, args.steps)
                     rows.append([f"{size}  ZeRO-{stage}  {world_size} rank(s)", r["frozen"] / MiB, r["peak"] / MiB,
-                                 r["estimate"] / MiB, r["estimate"] / r["peak"] - 1, r["rss"] / MiB])
+                                 r["estimate"] / MiB, f"{r['estimate'] / r['peak'] - 1:+.1%}",
+                                 r["startup_peak"] / MiB, r["rss"] / MiB])
                     if args.parts:
                         print(size, stage, world_size, {k: f"{v / MiB:.2f}" for k, v in r["parts"].items()})
     print(f"\n{machine()}; {args.steps} optimizer steps; per rank, the largest over the ranks")
-    print_table("memory per rank (MiB)", ["", "frozen", "peak", "estimate", "est/peak-1", "peak RSS"], rows)
+    print_table("memory per rank (MiB)", ["", "frozen", "peak", "estimate", "est/peak-1", "start-up peak",
+                                          "peak RSS"], rows)
     for size in args.size or sorted(SIZES, reverse=True):
         for stage in args.stage or [2, 3]:
             if (size, stage, 1) in results and (size, stage, 2) in results:

@@ -40,26 +40,40 @@ def test_the_data_benchmark_runs():
 
 def test_the_step_benchmark_runs():
     out = run_bench("bench/step.py", "--size", "tiny", "--steps", "3", "--rounds", "1")
-    trainer, bare = row(out, "trainer"), row(out, "bare DeepSpeed loop")
-    assert len(trainer) == len(bare) == 3 and min(trainer + bare) > 0
+    trainer, bare, plain = row(out, "trainer"), row(out, "bare DeepSpeed loop"), row(out, "plain torch loop")
+    assert len(trainer) == len(bare) == len(plain) == 3 and min(trainer + bare + plain) > 0
     assert re.search(r"ratio trainer/bare \(medians\) = \d+\.\d{3}", out)
+    assert re.search(r"ratio trainer/plain \(medians\) = \d+\.\d{3}", out) and ", fp32, " in out
     assert re.search(r"data wait \(trainer, after warm-up\) = \d+\.\d\d% of step time", out)
 
 
 def test_the_memory_benchmark_runs_and_the_estimate_is_close():
     out = run_bench("bench/memory.py", "--size", "tiny", "--ranks", "1", "--steps", "2")
     for stage in (2, 3):
-        frozen, peak, estimate, _, rss = row(out, f"tiny  ZeRO-{stage}  1 rank(s)")
-        assert frozen > 0 and rss > peak > 0
+        frozen, peak, estimate, _, startup, rss = row(out, f"tiny  ZeRO-{stage}  1 rank(s)")
+        assert frozen > 0 and rss > peak > 0 and startup > 0
         assert estimate == pytest.approx(peak, rel=0.25)  # the planner, against torch's allocator
+
+
+def test_the_shapes_benchmark_runs_and_the_trainers_steps_hold_one_shape():
+    out = run_bench("bench/shapes.py", "--size", "tiny", "--steps", "3")
+    before, after = row(out, "per micro-batch"), row(out, "per step")
+    assert after[-2:] == [0, 3]  # "0 of 3" mixed steps
+    assert before[0] > 0 and after[0] > 0 and "2 ranks x accumulation 2" in out
 
 
 def test_the_gpu_benchmark_runs_at_tiny_size():
     out = run_bench("bench/gpu.py", "--tiny", "--steps", "1")
-    for shape in ("2b", "5b"):
-        for checkpointing in ("off", "on"):
-            seconds, tflops, *_ = row(out, f"{shape} (tiny), checkpointing {checkpointing}")
-            assert seconds > 0 and tflops > 0
+    for name in ("2b (tiny), ZeRO-2, checkpointing off", "2b (tiny), ZeRO-2, checkpointing on",
+                 "5b (tiny), ZeRO-2, checkpointing off", "5b (tiny), ZeRO-2, checkpointing on",
+                 "5b (tiny), ZeRO-3, checkpointing on"):
+        seconds, tflops, *_ = row(out, name)
+        assert seconds > 0 and tflops > 0
+    assert "flash attention: n/a (no GPU)" in out
+    train = re.search(r"launch/train.py, model 'tiny' .* 30 steps in \d+ s with start-up: (\S+) s/step after 2, "
+                      r"data wait at most (\S+)%, loss (\S+) -> (\S+) \(means", out)
+    assert train, out
+    assert float(train.group(1)) > 0 and float(train.group(4)) < float(train.group(3))  # the loss fell
 
 
 def test_dry_run_plans_cogvideox_5b_without_weights(tmp_path):
