@@ -44,11 +44,9 @@ def bare(spec_path: str, steps: int) -> list[float]:
     import torch
     import torch.nn.functional as F
 
-    from trainer.data import MicroBatches
     from trainer.dtypes import PRECISIONS
     from trainer.engine import build_engine, init_distributed
     from trainer.process_env import share_cpu_threads
-    from trainer.shard_index import build_index
     from trainer.spec import load_spec
     from trainer.startup import preflight
 
@@ -60,11 +58,9 @@ def bare(spec_path: str, steps: int) -> list[float]:
     dtype = PRECISIONS[spec.train.precision]
     model = plan.family.load(spec.lora, dtype, spec.model.gradient_checkpointing, 0)
     engine = build_engine(spec, model, plan.ds_config)
-    device, objective = engine.device, plan.objective.to(engine.device)
-    index = build_index(plan.shards, plan.shapes, 0, 1, gather=lambda value: [value])
-    data = MicroBatches(index, seed=0, micro_batch_size=spec.data.micro_batch_size, rank=0, world_size=1,
-                        shapes=plan.shapes)
-    batches = [noised(data[k], model, objective, device, dtype) for k in range(min(8, data.per_epoch))]
+    engine.train()  # as the trainer does
+    batches = in_memory_batches(spec, plan, model, engine.device, dtype)
+    device = engine.device
     times = []
     for step in range(WARMUP_STEPS + steps):
         x_t, text, t, target = batches[step % len(batches)]
@@ -85,10 +81,8 @@ def plain(spec_path: str, steps: int) -> list[float]:
     import torch
     import torch.nn.functional as F
 
-    from trainer.data import MicroBatches
     from trainer.dtypes import PRECISIONS
     from trainer.process_env import share_cpu_threads
-    from trainer.shard_index import build_index
     from trainer.spec import load_spec
     from trainer.startup import preflight
 
@@ -102,11 +96,7 @@ def plain(spec_path: str, steps: int) -> list[float]:
     optim = spec.optim
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                   weight_decay=optim.weight_decay)
-    objective = plan.objective.to(device)
-    index = build_index(plan.shards, plan.shapes)
-    data = MicroBatches(index, seed=0, micro_batch_size=spec.data.micro_batch_size, rank=0, world_size=1,
-                        shapes=plan.shapes)
-    batches = [noised(data[k], model, objective, device, dtype) for k in range(min(8, data.per_epoch))]
+    batches = in_memory_batches(spec, plan, model, device, dtype)
     times = []
     for step in range(WARMUP_STEPS + steps):
         x_t, text, t, target = batches[step % len(batches)]
@@ -123,13 +113,25 @@ def plain(spec_path: str, steps: int) -> list[float]:
     return times[WARMUP_STEPS:]
 
 
-def noised(batch, model, objective, device, dtype) -> tuple:
+def in_memory_batches(spec, plan, model, device, dtype) -> list[tuple]:
+    """Up to 8 micro-batches of the shards, noised once, on the device: (x_t, text, t, v)."""
     import torch
 
-    x0 = model.prepare_latents(batch.latents.to(device).float())
-    noise, t = torch.randn_like(x0), torch.randint(0, 1000, (x0.shape[0],), device=device)
-    return (objective.add_noise(x0, noise, t).to(dtype), batch.prompt_embeds.to(device, dtype), t,
-            objective.velocity(x0, noise, t))
+    from trainer.data import MicroBatches
+    from trainer.shard_index import build_index
+
+    objective = plan.objective.to(device)
+    index = build_index(plan.shards, plan.shapes)
+    data = MicroBatches(index, seed=0, micro_batch_size=spec.data.micro_batch_size, rank=0, world_size=1,
+                        shapes=plan.shapes)
+    batches = []
+    for k in range(min(8, data.per_epoch)):
+        batch = data[k]
+        x0 = model.prepare_latents(batch.latents.to(device).float())
+        noise, t = torch.randn_like(x0), torch.randint(0, 1000, (x0.shape[0],), device=device)
+        batches.append((objective.add_noise(x0, noise, t).to(dtype), batch.prompt_embeds.to(device, dtype), t,
+                        objective.velocity(x0, noise, t)))
+    return batches
 
 
 def trainer(spec: Path, env: dict) -> list[dict]:
