@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from trainer.dtypes import PRECISIONS
 from trainer.families.base import TransformerStructure
 from trainer.spec import LoraSection
 
@@ -88,8 +89,7 @@ class ZeroSettings:
                    prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size", 50_000_000)),
                    persistence_threshold=int(zero.get("stage3_param_persistence_threshold", 100_000)),
                    max_live_parameters=int(zero.get("stage3_max_live_parameters", 1_000_000_000)),
-                   communication_bytes={"fp32": 4, "bf16": 2, "fp16": 2}[config.get("communication_data_type",
-                                                                                     "fp32")],
+                   communication_bytes=PRECISIONS[config.get("communication_data_type", "fp32")].itemsize,
                    offload_optimizer=offloaded("offload_optimizer"), offload_param=offloaded("offload_param"))
 
 

@@ -115,6 +115,20 @@ class DataPosition(NamedTuple):
     group: int = 1
 
 
+def shape_counts(index: ShardIndex) -> dict[tuple, int]:
+    """Indexed samples per latent shape."""
+    counts: dict[tuple, int] = defaultdict(int)
+    for ref in index.samples:
+        counts[ref.shape] += 1
+    return counts
+
+
+def epoch_length(counts: dict[tuple, int], micro_batch_size: int, group: int) -> int:
+    """Micro-batches in an epoch planned with ``group``: each shape's whole steps."""
+    step = micro_batch_size * group
+    return sum(n // step * group for n in counts.values())
+
+
 class MicroBatches:
     """Micro-batch k of one data-parallel rank; a pure function of (index, seed, micro batch, group, position,
     data-parallel rank and size)."""
@@ -128,9 +142,7 @@ class MicroBatches:
         self.position = position if position is not None else DataPosition(0, 0, self.group)
         self.prompt_shape = shapes.prompt_shape
         self.pin_memory = pin_memory  # batches are read straight into page-locked memory for async copies
-        self.shape_counts: dict[tuple, int] = defaultdict(int)
-        for ref in index.samples:
-            self.shape_counts[ref.shape] += 1
+        self.shape_counts = shape_counts(index)
         self.per_epoch = self.epoch_length(self.group)
         if self.per_epoch == 0:
             step = micro_batch_size * self.group
@@ -143,8 +155,7 @@ class MicroBatches:
 
     def epoch_length(self, group: int) -> int:
         """Micro-batches in an epoch planned with ``group``."""
-        step = self.micro_batch_size * group
-        return sum(n // step * group for n in self.shape_counts.values())
+        return epoch_length(self.shape_counts, self.micro_batch_size, group)
 
     def never_trained(self) -> dict[tuple, int]:
         """Shapes with fewer samples than one optimizer step takes: no epoch trains them."""
@@ -216,10 +227,7 @@ class MicroBatches:
 def flat_position(index: ShardIndex, micro_batch_size: int, consumed: int) -> DataPosition:
     """The position of a checkpoint saved before positions had a group: its epochs were planned micro-batch by
     micro-batch (group 1), and the position was micro-batches consumed."""
-    counts: dict[tuple, int] = defaultdict(int)
-    for ref in index.samples:
-        counts[ref.shape] += 1
-    epoch, within = divmod(consumed, sum(n // micro_batch_size for n in counts.values()))
+    epoch, within = divmod(consumed, epoch_length(shape_counts(index), micro_batch_size, 1))
     return DataPosition(epoch, within, 1)
 
 

@@ -113,7 +113,7 @@ def _reduction_dtypes(config: dict, precision: str, path: Path) -> dict[str, str
     train.precision and is refused, as is a name DeepSpeed does not know."""
     given = {"grad_accum_dtype": (config.get("data_types") or {}).get("grad_accum_dtype"),
              "communication_data_type": config.get("communication_data_type")}
-    allowed = {"fp32", precision} if precision != "fp32" else {"fp32"}
+    allowed = {"fp32", precision}
     errors = []
     for key, raw in given.items():
         value = DTYPE_ALIASES.get(raw.lower(), raw) if isinstance(raw, str) else raw
