@@ -2,13 +2,16 @@
 """Pack videos and captions into training shards, once: VAE latents and T5 prompt embeddings that any number
 of training runs stream from.
 
-    python data_tools/shard.py --input DATASET --model MODEL_DIR --out SHARDS_DIR [--frames 49 --height 480 --width 720]
+    python data_tools/shard.py --input DATASET --model MODEL_DIR --out SHARDS_DIR [--frames F --height H --width W]
     torchrun --nproc_per_node 8 data_tools/shard.py --input ... --model ... --out ...     # one rank per GPU
 
 DATASET is a directory with prompts.txt + videos.txt (the CogVideo finetune layout), a .csv or .jsonl manifest
 with video and caption columns, or a directory of videos each with a same-stem .txt caption. Each rank packs
 its own shards; rerunning the same command after a crash keeps the finished shards and packs the rest. Bad
 inputs are listed with their reason in SHARDS_DIR/rejected.jsonl and the rest is packed.
+
+Frames, size and fps default to the model's native clip, read from its directory (CogVideoX 1.0: 49x480x720 at
+8 fps; 1.5: 81x768x1360 at 16 fps); a target off the model's frame rule or patch grid is refused before any work.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from data_tools.video import Bucket, parse_buckets
 from trainer.dtypes import PRECISIONS, encoding_dtype, torch_name
 from trainer.errors import EXIT_USER_ERROR, UserError
 from trainer.families import load_family
-from trainer.families.base import ModelFamily
+from trainer.families.base import ModelFamily, NativeClip
 from trainer.process_env import default_device, share_cpu_threads, srun_task
 
 
@@ -40,13 +43,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--input", type=Path, required=True, help="dataset directory, or a .csv/.jsonl manifest")
     p.add_argument("--model", required=True, help="model directory or hub id (its VAE and text encoder pack)")
     p.add_argument("--out", type=Path, required=True, help="directory for the shards and manifest.json")
-    p.add_argument("--frames", type=int, default=49, help="frames per clip, 4k+1 (default 49)")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=720)
+    p.add_argument("--frames", type=int, help="frames per clip, on the model's rule (1.0: 8k+1, 1.5: 16k+1); "
+                                             "default: the model's native clip (49, 81)")
+    p.add_argument("--height", type=int, help="default: the model's native height (480, 768)")
+    p.add_argument("--width", type=int, help="default: the model's native width (720, 1360)")
     p.add_argument("--buckets", help="several FRAMESxHEIGHTxWIDTH targets, e.g. 49x480x720,49x480x480,25x480x720; "
                                      "each clip goes to the one closest in aspect ratio that it is long enough for "
                                      "(replaces --frames/--height/--width)")
-    p.add_argument("--fps", type=float, default=8.0, help="sample frames at this rate (default 8, CogVideoX's)")
+    p.add_argument("--fps", type=float, help="sample frames at this rate (default: the model's, 8 for CogVideoX "
+                                           "1.0, 16 for 1.5)")
     p.add_argument("--evenly", action="store_true", help="spread the frames evenly over each whole clip instead")
     p.add_argument("--shard-size", type=int, default=64, help="videos per shard (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seeds each sample's VAE posterior draw")
@@ -63,16 +68,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--video-column", default="video", help="manifest column with the video path")
     p.add_argument("--caption-column", default="caption", help="manifest column with the caption")
     args = p.parse_args(argv)
-    try:
-        args.bucket_list = parse_buckets(args.buckets or f"{args.frames}x{args.height}x{args.width}")
-    except ValueError as exc:
-        p.error(f"--buckets: {exc}" if args.buckets else f"--frames/--height/--width: {exc}")
+    if args.buckets:
+        if any(v is not None for v in (args.frames, args.height, args.width)):
+            p.error("--buckets replaces --frames/--height/--width: give one or the other")
+        try:
+            parse_buckets(args.buckets)
+        except ValueError as exc:
+            p.error(f"--buckets: {exc}")
+    for name in ("frames", "height", "width"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be positive")
     for name in ("shard_size", "decode_workers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not args.evenly and args.fps <= 0:
+    if args.fps is not None and args.fps <= 0:
         p.error("--fps must be positive (or use --evenly)")
     return args
+
+
+def targets(args: argparse.Namespace, native: NativeClip) -> tuple[list[Bucket], float | None]:
+    """The buckets and fps to pack: the flags, each one left out the model's native clip's."""
+    if args.buckets:
+        buckets = parse_buckets(args.buckets)
+    else:
+        frames, height, width = (native.frames if args.frames is None else args.frames,
+                                 native.height if args.height is None else args.height,
+                                 native.width if args.width is None else args.width)
+        buckets = [Bucket(frames, height, width)]
+    return buckets, None if args.evenly else (float(native.fps) if args.fps is None else args.fps)
 
 
 def rank_and_world(args: argparse.Namespace) -> tuple[int, int, int]:
@@ -90,20 +113,25 @@ def rank_and_world(args: argparse.Namespace) -> tuple[int, int, int]:
     return rank, world, local
 
 
-def check_model(model: str, buckets: list[Bucket]) -> ModelFamily:
-    """The model's family, once it is known to have the encoders and to take every bucket."""
+def check_model(args: argparse.Namespace) -> tuple[ModelFamily, list[Bucket], float | None]:
+    """The model's family, its buckets and fps, once the model is known to have the encoders and to take every
+    bucket."""
     try:
-        family = load_family(model, sampling=True, weights=False)  # a hub id fetches the encoders, not the weights
+        family = load_family(args.model, sampling=True, weights=False)  # a hub id: the encoders, not the weights
+        family.check_encoders("--model", "packing")
+        buckets, fps = targets(args, family.native_clip())
     except UserError as exc:
         raise UserError(str(exc).replace("model.path:", "--model:", 1)) from None
-    family.check_encoders("--model", "packing")
     for b in buckets:
-        family.latent_shape(b.frames, b.height, b.width, bucket_option(b))
-    return family
+        family.latent_shape(b.frames, b.height, b.width, bucket_option(b, args.buckets is not None))
+    return family, buckets, fps
 
 
-def bucket_option(bucket: Bucket) -> Callable[[str], str]:
-    """What a message calls a bucket's frame count ("bucket 49x480x720") and sides ("bucket 49x480x720 width")."""
+def bucket_option(bucket: Bucket, listed: bool) -> Callable[[str], str]:
+    """What a message calls a bucket's frame count ("bucket 49x480x720", or --frames without --buckets) and sides
+    ("bucket 49x480x720 width", --width)."""
+    if not listed:
+        return lambda name: "--frames" if name == "num_frames" else f"--{name}"
     return lambda name: f"bucket {bucket}" + ("" if name == "num_frames" else f" {name}")
 
 
@@ -119,12 +147,11 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
 
 def pack(args: argparse.Namespace) -> int:
     rank, world, local_rank = rank_and_world(args)
-    family = check_model(args.model, args.bucket_list)
+    family, buckets, fps = check_model(args)
     model_dir, encoder_configs = family.model_dir.resolve(), family.encoder_configs()
     layout, entries = read_inputs(args.input, args.video_column, args.caption_column)
-    options = packing.PackOptions(buckets=tuple(map(str, args.bucket_list)), fps=None if args.evenly else args.fps,
-                                  shard_size=args.shard_size, seed=args.seed, dtype=args.dtype,
-                                  vae_tiling=args.vae_tiling)
+    options = packing.PackOptions(buckets=tuple(map(str, buckets)), fps=fps, shard_size=args.shard_size,
+                                  seed=args.seed, dtype=args.dtype, vae_tiling=args.vae_tiling)
     device = pick_device(args.device, local_rank)
     dtype = encoding_dtype(device)
     # the compute device and dtype change the latents' bits: a rerun must not mix CPU and GPU samples
@@ -139,6 +166,9 @@ def pack(args: argparse.Namespace) -> int:
     say = (lambda msg: print(f"[rank {rank}] {msg}", flush=True)) if world > 1 else (lambda msg: print(msg, flush=True))
     say(f"{args.input} ({layout}): {len(entries)} inputs in {len(all_chunks)} shards; this rank packs "
         f"{len(mine)}, of which {len(mine) - len(todo)} are already finished")
+    say(f"clips: {', '.join(map(str, buckets))} (frames x height x width), "
+        f"{'evenly spread' if fps is None else f'at {fps:g} fps'}, for {family.describe()} (native clip "
+        f"{family.native_clip()})")
     if todo or not (out / packing.EMPTY_PROMPT).exists():
         encoder = family.encoders(device, dtype, args.vae_tiling)
         packing.write_empty_prompt(out, encoder, PRECISIONS[args.dtype], tag)

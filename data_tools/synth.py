@@ -43,11 +43,15 @@ def pattern(i: int, shape: tuple[int, int, int, int]) -> torch.Tensor:
     return math.sqrt(2) * torch.stack(channels)
 
 
-def write_synthetic_shards(model_dir: Path, out: Path, samples: int, samples_per_shard: int, frames: int = 9,
-                           height: int = 96, width: int = 128, seed: int = 0) -> list[Path]:
+def write_synthetic_shards(model_dir: Path, out: Path, samples: int, samples_per_shard: int,
+                           frames: int | None = None, height: int | None = None, width: int | None = None,
+                           seed: int = 0) -> list[Path]:
+    """Frames and size left out are the model's native clip's."""
     import webdataset as wds
 
     family = load_family(str(model_dir))
+    native = family.native_clip()
+    frames, height, width = frames or native.frames, height or native.height, width or native.width
     shape = family.latent_shape(frames, height, width, lambda name: f"--{name.replace('num_', '')}")
     captions = [caption(seed + i) for i in range(samples)]
     encode = family.prompt_encoder(torch.device("cpu"), torch.float32)
@@ -55,7 +59,7 @@ def write_synthetic_shards(model_dir: Path, out: Path, samples: int, samples_per
     out.mkdir(parents=True, exist_ok=True)
     with wds.ShardWriter(str(out / "train-%06d.tar"), maxcount=samples_per_shard, encoder=False, verbose=0) as sink:
         for i, text in enumerate(captions):
-            meta = {"caption": text, "source": "synthetic", "fps": 8, "num_frames": frames,
+            meta = {"caption": text, "source": "synthetic", "fps": native.fps, "num_frames": frames,
                     "height": height, "width": width}
             sink.write(encode_sample(f"synth{seed + i:06d}", pattern(seed + i, shape).to(torch.bfloat16),
                                      embeds[i].to(torch.bfloat16), meta))
@@ -68,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory for the .tar shards")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--samples-per-shard", type=int, default=2)
-    parser.add_argument("--frames", type=int, default=9, help="video frames (4k+1) the latents stand for")
-    parser.add_argument("--height", type=int, default=96)
-    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--frames", type=int, help="video frames the latents stand for (default: the model's)")
+    parser.add_argument("--height", type=int, help="default: the model's native height")
+    parser.add_argument("--width", type=int, help="default: the model's native width")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:

@@ -1,14 +1,24 @@
 #!/usr/bin/env python
 """Write a tiny, random-weight but complete CogVideoX model directory that diffusers loads offline.
 
-    python data_tools/tiny_model.py --out runs/tiny-5b --flavour 5b
+    python data_tools/tiny_model.py --out runs/tiny-5b --flavour 5b     # or 2b, 1.5
 
 Real classes throughout (CogVideoXTransformer3DModel, AutoencoderKLCogVideoX, T5EncoderModel, a T5 tokenizer,
 CogVideoXDDIMScheduler), saved with save_pretrained, so the trainer loads it through exactly the code path a
 real THUDM/CogVideoX-5b directory takes. Geometry matches the real models (8x spatial and 4x temporal VAE
-compression, patch size 2, 226 text tokens); only widths and depths are small.
-  2b: no RoPE (sin-cos positions), scheduler snr_shift_scale 3.0, VAE scaling_factor 1.15258426
-  5b: 3D RoPE, scheduler snr_shift_scale 1.0, VAE scaling_factor 0.7
+compression, patch size 2, 226 text tokens); only widths, depths and the base grid are small. Each flavour
+carries its model's published structure and settings (huggingface.co/THUDM/<model>/, the files named):
+  2b   transformer/config.json: no RoPE (sin-cos positions); scheduler_config.json: snr_shift_scale 3.0;
+       vae/config.json: scaling_factor 1.15258426, invert_scale_latents false
+  5b   transformer: 3D RoPE; scheduler: snr_shift_scale 1.0; vae: scaling_factor 0.7, invert_scale_latents false
+  1.5  (CogVideoX1.5-5B) transformer: patch_size_t 2, patch_bias false, no learned positional embedding,
+       3D RoPE ("slice" grid), max_text_seq_length 226 (the model card's 224 is the SAT training length; the
+       diffusers config, its conversion script and CogVideoXPipeline's default say 226); vae: scaling_factor
+       0.7, invert_scale_latents true; scheduler: snr_shift_scale 1.0 (as diffusers'
+       scripts/convert_cogvideox_to_diffusers.py is run for it and the SAT config's ZeroSNRDDPM default)
+  All: a zero-terminal-SNR v-prediction DDIM schedule, scaled_linear betas 0.00085..0.012, "trailing" spacing.
+The base grid (sample_height x sample_width latents) is 12 x 16, a native clip of 96x128: 9 frames for the 1.0
+flavours and 17 (16k+1, as 1.5's 81) for 1.5, whose 5 latent frames are an odd number, padded to 6.
 """
 
 from __future__ import annotations
@@ -24,14 +34,18 @@ import torch
 
 @dataclass(frozen=True)
 class Flavour:
-    rope: bool
+    transformer: dict[str, Any]  # CogVideoXTransformer3DModel arguments of the flavour's structure
     snr_shift_scale: float
     vae_scaling_factor: float
+    invert_scale_latents: bool = False
 
 
 FLAVOURS = {
-    "2b": Flavour(rope=False, snr_shift_scale=3.0, vae_scaling_factor=1.15258426),
-    "5b": Flavour(rope=True, snr_shift_scale=1.0, vae_scaling_factor=0.7),
+    "2b": Flavour({"use_rotary_positional_embeddings": False, "sample_frames": 9}, 3.0, 1.15258426),
+    "5b": Flavour({"use_rotary_positional_embeddings": True, "sample_frames": 9}, 1.0, 0.7),
+    "1.5": Flavour({"use_rotary_positional_embeddings": True, "patch_size_t": 2, "patch_bias": False,
+                    "use_learned_positional_embeddings": False, "sample_frames": 17}, 1.0, 0.7,
+                   invert_scale_latents=True),
 }
 TEXT_DIM = 32
 TEXT_LEN = 226  # what CogVideoXPipeline encodes prompts to
@@ -67,11 +81,10 @@ def write_tiny_model(out: Path, flavour: str = "5b", seed: int = 0, **sizes: Any
         decoder_start_token_id=0))  # type: ignore[call-arg]  # T5Config takes what PretrainedConfig does
     transformer: Any = CogVideoXTransformer3DModel(**{
         "num_attention_heads": 2, "attention_head_dim": 16,  # RoPE splits the head dim t:h:w: a multiple of 16
-        "num_layers": 2, **sizes},
-        in_channels=4, out_channels=4, time_embed_dim=32, text_embed_dim=TEXT_DIM,
-        sample_frames=9, sample_height=12, sample_width=16,  # latent grid of 9x96x128 video
-        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT_LEN,
-        use_rotary_positional_embeddings=kind.rope)
+        "num_layers": 2, "in_channels": 4, "out_channels": 4, "time_embed_dim": 32, "text_embed_dim": TEXT_DIM,
+        "sample_height": 12, "sample_width": 16,  # the base grid: 96x128 video
+        "patch_size": 2, "temporal_compression_ratio": 4, "max_text_seq_length": TEXT_LEN,
+        **kind.transformer, **sizes})
     # Real CogVideoX transformers ship bf16 weights; so do we (the trainer loads them in the compute dtype).
     # (diffusers warns about casting with .to(); this model has no fp32-only modules to keep.)
     verbosity = diffusers_logging.get_verbosity()
@@ -80,7 +93,8 @@ def write_tiny_model(out: Path, flavour: str = "5b", seed: int = 0, **sizes: Any
     diffusers_logging.set_verbosity(verbosity)
     vae = AutoencoderKLCogVideoX(
         latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
-        temporal_compression_ratio=4, scaling_factor=kind.vae_scaling_factor)
+        temporal_compression_ratio=4, scaling_factor=kind.vae_scaling_factor,
+        invert_scale_latents=kind.invert_scale_latents)
     scheduler = CogVideoXDDIMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
         clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,

@@ -23,11 +23,11 @@ rm -rf "$OUT"  # the quickstart owns this folder: start clean every time
 "$PY" data_tools/tiny_model.py --out "$OUT/model" --flavour 5b
 "$PY" data_tools/synth_videos.py --out "$OUT/videos" --count 8  # 12 frames, 120x160, 8 fps
 "$PY" data_tools/shard.py --input "$OUT/videos" --model "$OUT/model" --out "$OUT/shards" \
-  --frames 9 --height 96 --width 128 --shard-size 1
+  --shard-size 1  # clips of the model's native size (this tiny model: 9x96x128 at 8 fps)
 "$PY" data_tools/inspect_shards.py "$OUT/shards"
 "$PY" data_tools/synth_videos.py --out "$OUT/heldout_videos" --count 2 --first 8  # two videos training never sees
 "$PY" data_tools/shard.py --input "$OUT/heldout_videos" --model "$OUT/model" --out "$OUT/heldout" \
-  --frames 9 --height 96 --width 128 --shard-size 2
+  --shard-size 2
 "$VENV/bin/deepspeed" --num_gpus "$RANKS" launch/train.py --spec examples/tiny.yaml \
   --set validation.loss.shards="$OUT/heldout" "$@"
 

@@ -84,13 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as exc:
             raise UserError(str(exc).replace("model.path:", "--model:" if args.model else "--spec's model.path:",
                                              1)) from None
-        settings = SampleSettings.from_section(section)
+        settings = SampleSettings.of(section, family.native_clip())
         family.check_sampling(settings, lambda name: "--model" if name == "prompts" else f"--{name.replace('_', '-')}")
         if args.lora is not None and not args.lora.exists():
             raise UserError(f"--lora: no such file or directory: {args.lora}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    print(f"sampling {len(section.prompts)} video(s) of {settings.num_frames}x{settings.height}x{settings.width} at "
+          f"{settings.fps} fps, {settings.num_inference_steps} steps (unset sizes: the model's native clip, "
+          f"{family.native_clip()})", flush=True)
     sample(family, args.lora, section, settings, precision, args.out)
     return 0
 

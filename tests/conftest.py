@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +38,12 @@ def tiny_2b(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny-2b", "2b")
 
 
+@pytest.fixture(scope="session")
+def tiny_15(tmp_path_factory) -> Path:
+    """CogVideoX 1.5-style: patch_size_t 2, native clip 17x96x128 at 16 fps (5 latent frames, padded to 6)."""
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny-1.5", "1.5")
+
+
 def _shards(model: Path, factory, name: str, samples: int, per_shard: int) -> Path:
     out = factory.mktemp("shards") / name
     write_synthetic_shards(model, out, samples=samples, samples_per_shard=per_shard)
@@ -65,3 +72,24 @@ def videos(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("videos") / "cogvideo"
     write_synthetic_videos(out, count=6)
     return out
+
+
+def _pack(videos: Path, model: Path, out: Path, shard_size: int) -> Path:
+    """data_tools/shard.py as a user runs it, with the model's own defaults (its native clip and fps)."""
+    proc = subprocess.run([sys.executable, "data_tools/shard.py", "--input", str(videos), "--model", str(model),
+                           "--out", str(out), "--shard-size", str(shard_size)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def packed_5b(videos, tiny_5b, tmp_path_factory) -> Path:
+    """The six videos packed for the 5B-style model: 9x96x128 at 8 fps, four samples per shard."""
+    return _pack(videos, tiny_5b, tmp_path_factory.mktemp("packed") / "tiny-5b", 4)
+
+
+@pytest.fixture(scope="session")
+def packed_15(videos, tiny_15, tmp_path_factory) -> Path:
+    """The six videos packed for the 1.5-style model: 17x96x128 at 16 fps, one sample per shard."""
+    return _pack(videos, tiny_15, tmp_path_factory.mktemp("packed") / "tiny-1.5", 1)

@@ -136,7 +136,7 @@ def test_an_srun_task_whose_first_node_does_not_resolve_is_told_to_set_master_ad
 def test_validation_settings_the_model_cannot_sample(tmp_path, good_spec):
     video = {"prompts": ["a cat"], "num_frames": 9, "height": 96, "width": 128}
     fails_with(tmp_path, {**good_spec, "validation": {**video, "num_frames": 8}},
-               "validation.num_frames: 8 frames cannot be made by this VAE", "for example 49")
+               "validation.num_frames: 8 frames is off CogVideoX 1.0's frame rule 8k+1", "for example 9")
     fails_with(tmp_path, {**good_spec, "validation": {**video, "width": 120}},
                "validation.width: 120 is not a multiple of 16")
     missing = tmp_path / "held-out"
@@ -164,7 +164,7 @@ def tool_fails_with(args: list[str], *expected: str) -> None:
 
 def test_sample_and_export_tools_name_the_bad_option(tmp_path, tiny_5b):
     tool_fails_with(["launch/sample.py", "--model", str(tiny_5b), "--prompt", "a cat", "--num-frames", "8",
-                     "--out", str(tmp_path)], "--num-frames: 8 frames cannot be made by this VAE")
+                     "--out", str(tmp_path)], "--num-frames: 8 frames is off CogVideoX 1.0's frame rule 8k+1")
     tool_fails_with(["launch/sample.py", "--model", str(tmp_path / "none"), "--prompt", "a cat", "--out",
                      str(tmp_path)], f"--model: no such directory: {tmp_path / 'none'}")
     tool_fails_with(["launch/sample.py", "--model", str(tiny_5b), "--out", str(tmp_path)], "--prompt: no prompts")

@@ -150,14 +150,29 @@ def test_one_skeleton_builder_gives_the_loaded_transformers_structure_without_me
     assert sum(p.requires_grad for p in skeleton.parameters()) == 2 * 4 * 2
 
 
-def test_clip_sizes_the_model_cannot_make_are_refused_naming_the_option(tiny_5b):
+def test_the_model_decides_the_clip_and_refuses_clips_off_its_rule(tiny_5b, tiny_15):
     family = family_for(tiny_5b)
+    native = family.native_clip()  # the tiny models' base grid is 12 x 16 latents: 96x128
+    assert (native.frames, native.height, native.width, native.fps, native.frame_multiple) == (9, 96, 128, 8, 8)
     assert family.latent_shape(49, 480, 720, str) == (4, 13, 60, 90)  # the VAE's 4x time, 8x space
-    with pytest.raises(UserError, match=r"^--frames: 48 frames cannot be made by this VAE: it needs 4k\+1"):
-        family.latent_shape(48, 96, 128, lambda name: "--frames")
+    for frames in (48, 13):  # 13 is 4k+1, which the VAE makes, but off 1.0's 8k+1
+        with pytest.raises(UserError, match=rf"^--frames: {frames} frames is off CogVideoX 1.0's frame rule 8k\+1 "
+                                            r"\(its model card; the VAE compresses time 4x\), for example"):
+            family.latent_shape(frames, 96, 128, lambda name: "--frames")
     with pytest.raises(UserError, match=r"^height: 100 is not a multiple of 16 \(the VAE's 8x compression times "
                                         r"the transformer's patch size 2\)"):
         family.latent_shape(49, 100, 128, str)
+    assert family.latent_shape(9, 480, 960, str) == (4, 3, 60, 120)  # 1.0's RoPE crops: any size beyond the grid
+
+    family = family_for(tiny_15)
+    native = family.native_clip()
+    assert (native.frames, native.height, native.width, native.fps, native.frame_multiple) == (17, 96, 128, 16, 16)
+    assert family.latent_shape(17, 96, 128, str) == (4, 5, 12, 16)  # 5 latent frames: an odd number, padded to 6
+    with pytest.raises(UserError, match=r"^num_frames: 25 frames is off CogVideoX 1.5's frame rule 16k\+1"):
+        family.latent_shape(25, 96, 128, str)
+    with pytest.raises(UserError, match=r"^height: 112 is beyond the transformer's rotary position table "
+                                        r"\(sample_height 12 latents = 96 pixels"):
+        family.latent_shape(17, 112, 128, str)
 
 
 def test_a_hub_id_resolves_from_the_cache_under_the_per_node_lock(tiny_5b, tmp_path, monkeypatch):

@@ -26,11 +26,12 @@ from trainer.media import write_mp4
 from trainer.rng import Stream, derive_seed
 from trainer.shard_format import shard_samples
 
-GEOMETRY = ["--frames", "9", "--height", "96", "--width", "128"]
+GEOMETRY = ["--frames", "9", "--height", "96", "--width", "128"]  # the same clip, given explicitly
 
 
 def pack(videos: Path, model: Path, out: Path, *extra: str) -> int:
-    return shard.main(["--input", str(videos), "--model", str(model), "--out", str(out), *GEOMETRY, *extra])
+    """shard.main with the model's defaults (the tiny 5B-style model's native clip: 9x96x128 at 8 fps)."""
+    return shard.main(["--input", str(videos), "--model", str(model), "--out", str(out), *extra])
 
 
 def read_all(out: Path) -> dict[str, object]:
@@ -43,10 +44,8 @@ def digests(out: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def packed(videos, tiny_5b, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("packed") / "shards"
-    assert pack(videos, tiny_5b, out, "--shard-size", "4") == 0
-    return out
+def packed(packed_5b) -> Path:
+    return packed_5b
 
 
 @torch.no_grad()
@@ -155,7 +154,7 @@ def test_bad_inputs_are_listed_with_their_reason_and_the_rest_is_packed(videos, 
     assert "nothing could be packed" in capsys.readouterr().err
 
 
-def test_input_and_option_mistakes_stop_before_any_work(videos, tiny_5b, tmp_path, capsys):
+def test_input_and_option_mistakes_stop_before_any_work(videos, tiny_5b, tiny_15, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(videos, broken)
     (broken / "prompts.txt").write_text("only one caption\n")
@@ -166,7 +165,19 @@ def test_input_and_option_mistakes_stop_before_any_work(videos, tiny_5b, tmp_pat
     assert "bucket 9x96x120 width: 120 is not a multiple of 16" in capsys.readouterr().err
     assert shard.main(["--input", str(videos), "--model", str(tiny_5b), "--out", str(tmp_path / "c"),
                        "--frames", "10"]) == 2
-    assert "bucket 10x480x720: 10 frames cannot be made by this VAE: it needs 4k+1" in capsys.readouterr().err
+    assert "--frames: 10 frames is off CogVideoX 1.0's frame rule 8k+1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):  # argparse's exit
+        shard.main(["--input", str(videos), "--model", str(tiny_5b), "--out", str(tmp_path / "c"), "--frames", "9",
+                    "--buckets", "9x96x128"])
+    assert "--buckets replaces --frames/--height/--width" in capsys.readouterr().err
+    # 1.5: 16k+1 frames (41 is on 1.0's 8k+1, not on 1.5's), sides within its rotary position table
+    for flags, message in ((["--frames", "41"], "--frames: 41 frames is off CogVideoX 1.5's frame rule 16k+1"),
+                           (["--width", "160"], "--width: 160 is beyond the transformer's rotary position table "
+                                                "(sample_width 16 latents = 128 pixels")):
+        assert shard.main(["--input", str(videos), "--model", str(tiny_15), "--out", str(tmp_path / "f"),
+                           *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "f").exists()  # refused before any work
     (tmp_path / "header.csv").write_text("path,text\nvideos/00000.mp4,hello\n")
     assert pack(tmp_path / "header.csv", tiny_5b, tmp_path / "d") == 2
     assert "the header has no column ['video', 'caption']" in capsys.readouterr().err

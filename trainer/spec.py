@@ -141,14 +141,16 @@ class ValidationSection(_Section):
     prompts: list[str] = Field(default_factory=list)
     negative_prompt: str = ""
     every_steps: int = Field(0, ge=0)  # also at the end of the run; 0: only at the end
-    num_frames: int = Field(49, gt=0)
-    height: int = Field(480, gt=0)
-    width: int = Field(720, gt=0)
+    # Frames, size and fps of the videos; null: the model's native clip (CogVideoX 1.0: 49x480x720 at 8 fps,
+    # 1.5: 81x768x1360 at 16 fps), read from its directory as its pipeline reads it.
+    num_frames: int | None = Field(None, gt=0)
+    height: int | None = Field(None, gt=0)
+    width: int | None = Field(None, gt=0)
     num_inference_steps: int = Field(50, gt=0)
     guidance_scale: float = Field(6.0, ge=1.0)  # 1: no classifier-free guidance
     use_dynamic_cfg: bool = False  # CogVideoX-5B's recommended schedule of the guidance scale
     seed: int = Field(42, ge=0)  # every prompt starts from this seed's noise, as in diffusers
-    fps: int = Field(8, gt=0)
+    fps: int | None = Field(None, gt=0)
     # Write the LoRA the videos were made with beside them (samples/step_N/lora/), to keep the best step's.
     save_lora: bool = True
     loss: ValidationLossSection = ValidationLossSection()

@@ -57,7 +57,7 @@ def preflight_validation(spec: RunSpec, family: ModelFamily, shapes: SampleShape
     """Check the validation section against the model directory; returns the held-out shards (maybe none)."""
     section = spec.validation
     if section.prompts:
-        family.check_sampling(SampleSettings.from_section(section), lambda name: f"validation.{name}")
+        family.check_sampling(SampleSettings.of(section, family.native_clip()), lambda name: f"validation.{name}")
     if section.loss.shards is None:
         return []
     shards = resolve_shards(section.loss.shards, "validation.loss.shards")
@@ -222,7 +222,7 @@ class Validation:
     def videos(self, run: Training, optimizer_step: int, reporter: Reporter, heartbeat: Heartbeat) -> Path:
         """An mp4 per prompt under samples/step_N/ (each rank writes its own prompts), the LoRA that made them,
         and an animated GIF per prompt in TensorBoard (rank 0 reads the files back)."""
-        section, settings = self.spec.validation, SampleSettings.from_section(self.spec.validation)
+        section, settings = self.spec.validation, SampleSettings.of(self.spec.validation, run.family.native_clip())
         out = self.spec.run.dir / "samples" / f"step_{optimizer_step:06d}"
         rank, world, prompts = run.layout.data_rank, run.layout.data_size, section.prompts
         assert self.prompt_embeds is not None and self.negative_embeds is not None, "no validation.prompts"

@@ -105,6 +105,22 @@ class TransformerStructure:
 
 
 @dataclass(frozen=True)
+class NativeClip:
+    """What a model variant was trained on, read from its directory: the clip packing and sampling default to,
+    and the frame-count rule every packed or sampled clip must follow (``frame_multiple``·k + 1)."""
+
+    frames: int
+    height: int
+    width: int
+    fps: int
+    frame_multiple: int
+    source: str  # where the values come from, for messages and the README ("the transformer config's ...")
+
+    def __str__(self) -> str:
+        return f"{self.frames}x{self.height}x{self.width} at {self.fps} fps"
+
+
+@dataclass(frozen=True)
 class SampleSettings:
     """How validation and launch/sample.py sample a video."""
 
@@ -118,9 +134,14 @@ class SampleSettings:
     fps: int
 
     @classmethod
-    def from_section(cls, section: ValidationSection) -> SampleSettings:
-        return cls(section.num_frames, section.height, section.width, section.num_inference_steps,
-                   section.guidance_scale, section.use_dynamic_cfg, section.seed, section.fps)
+    def of(cls, section: ValidationSection, native: NativeClip) -> SampleSettings:
+        """The section's settings; frames, size and fps left unset (null) are the model's native clip."""
+        def pick(value: int | None, default: int) -> int:
+            return default if value is None else value
+
+        return cls(pick(section.num_frames, native.frames), pick(section.height, native.height),
+                   pick(section.width, native.width), section.num_inference_steps, section.guidance_scale,
+                   section.use_dynamic_cfg, section.seed, pick(section.fps, native.fps))
 
 
 class Encoders(Protocol):
@@ -144,6 +165,7 @@ class ModelFamily(Protocol):
     # what the data must be
     def sample_shapes(self) -> SampleShapes: ...
     def latent_scale(self) -> float | None: ...
+    def native_clip(self) -> NativeClip: ...
     def latent_shape(self, frames: int, height: int, width: int,
                      option: Callable[[str], str]) -> tuple[int, int, int, int]: ...
     def encoder_configs(self) -> dict[str, dict]: ...

@@ -29,7 +29,14 @@ from torch import nn
 import trainer.families.cogvideox_pipeline as media
 from trainer.diffusion import Objective
 from trainer.errors import UserError
-from trainer.families.base import SampleSettings, TransformerStructure, VideoModel, attach_lora, lora_config
+from trainer.families.base import (
+    NativeClip,
+    SampleSettings,
+    TransformerStructure,
+    VideoModel,
+    attach_lora,
+    lora_config,
+)
 from trainer.media import to_uint8
 from trainer.shard_format import SampleShapes
 from trainer.spec import LoraSection
@@ -41,6 +48,22 @@ def _video_tokens(config: Mapping[str, Any], frames: int, height: int, width: in
     """Transformer tokens of a latent grid (1.5 pads the frames to a multiple of patch_size_t)."""
     p, p_t = config["patch_size"], config.get("patch_size_t") or 1
     return -(-frames // p_t) * (height // p) * (width // p)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a version's model card says that no config file holds (zai-org/CogVideo README.md, "Model
+    Introduction": CogVideoX-2B/5B 720x480 at 8 fps, 8N+1 frames; CogVideoX1.5-5B 1360x768 at 16 fps, 16N+1
+    frames with N <= 10)."""
+
+    height: int
+    width: int
+    fps: int
+    frame_multiple: int
+
+
+MODEL_CARDS = {"1.0": ModelCard(height=480, width=720, fps=8, frame_multiple=8),
+               "1.5": ModelCard(height=768, width=1360, fps=16, frame_multiple=16)}
 
 
 @dataclass(frozen=True)
@@ -101,24 +124,52 @@ class CogVideoX:
         vae = self._vae_config()
         return None if vae is None else vae.get("scaling_factor")
 
+    def native_clip(self) -> NativeClip:
+        """The clip the variant was trained on: frames from the transformer config's sample_frames (what its
+        pipeline defaults to); height and width from the model card, or from the transformer's base grid
+        (sample_height x sample_width latents) where that is smaller; fps and the frame rule from the card.
+        (The pipeline defaults the size to the base grid, which for CogVideoX1.5-5B's published 300 x 300, the
+        extent of its RoPE table, is 2400x2400.)"""
+        spatial, _ = self._compression()
+        card, cfg = MODEL_CARDS[self.variant.version], self.config
+        height, width = min(card.height, cfg["sample_height"] * spatial), min(card.width, cfg["sample_width"] * spatial)
+        return NativeClip(cfg["sample_frames"], height, width, card.fps, card.frame_multiple,
+                          f"sample_frames of {self._source()}, CogVideoX {self.variant.version}'s model card "
+                          f"({card.width}x{card.height} at {card.fps} fps, {card.frame_multiple}k+1 frames) within "
+                          f"the transformer's base grid of {cfg['sample_height']}x{cfg['sample_width']} latents")
+
+    def _compression(self) -> tuple[int, int]:
+        """(spatial, temporal) compression of the directory's VAE."""
+        vae = self._vae_config()
+        if vae is None:
+            raise UserError(f"model.path: {self.model_dir} has no vae/config.json to size clips with")
+        return 2 ** (len(vae["block_out_channels"]) - 1), vae["temporal_compression_ratio"]
+
     def latent_shape(self, frames: int, height: int, width: int,
                      option: Callable[[str], str]) -> tuple[int, int, int, int]:
         """Latents [C, F, H, W] of a clip, or a UserError naming ``option(name)`` (name: num_frames, height or
-        width) when the VAE and the transformer's patches cannot make the clip."""
-        vae = self._vae_config()
-        if vae is None:
-            raise UserError(f"{option('num_frames')}: {self.model_dir} has no vae/config.json to size clips with")
-        channels, temporal = vae["latent_channels"], vae["temporal_compression_ratio"]
-        spatial = 2 ** (len(vae["block_out_channels"]) - 1)
-        if (frames - 1) % temporal:
-            raise UserError(f"{option('num_frames')}: {frames} frames cannot be made by this VAE: it needs "
-                            f"{temporal}k+1 (a multiple of its temporal compression {temporal}, plus 1: for example "
-                            f"49)")
-        multiple = spatial * self.config["patch_size"]
+        width) when the clip is off the variant's rule: frames off its model card's k·m+1, sides not multiples
+        of the VAE's compression times the patch, or (1.5) beyond the transformer's RoPE table."""
+        spatial, temporal = self._compression()
+        multiple = MODEL_CARDS[self.variant.version].frame_multiple
+        assert multiple % temporal == 0, "a model card's frame rule that its VAE cannot make"
+        if frames < 1 or (frames - 1) % multiple:
+            near = max(1, round((frames - 1) / multiple)) * multiple + 1
+            raise UserError(f"{option('num_frames')}: {frames} frames is off CogVideoX {self.variant.version}'s "
+                            f"frame rule {multiple}k+1 (its model card; the VAE compresses time {temporal}x), "
+                            f"for example {near}")
+        patch = self.config["patch_size"]
         for name, value in (("height", height), ("width", width)):
-            if value % multiple:
-                raise UserError(f"{option(name)}: {value} is not a multiple of {multiple} (the VAE's {spatial}x "
-                                f"compression times the transformer's patch size {self.config['patch_size']})")
+            if value % (spatial * patch):
+                raise UserError(f"{option(name)}: {value} is not a multiple of {spatial * patch} (the VAE's "
+                                f"{spatial}x compression times the transformer's patch size {patch})")
+        if self.variant.version == "1.5":  # "slice" RoPE: positions are rows of a table of the base grid's size
+            for name, value, key in (("height", height, "sample_height"), ("width", width, "sample_width")):
+                if value > self.config[key] * spatial:
+                    raise UserError(f"{option(name)}: {value} is beyond the transformer's rotary position table "
+                                    f"({key} {self.config[key]} latents = {self.config[key] * spatial} pixels, "
+                                    f"in {self._source()})")
+        channels = self._vae_config()["latent_channels"]  # type: ignore[index]  # _compression read it
         return channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
 
     def encoder_configs(self) -> dict[str, dict]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from trainer.families.base import ModelFamily, VideoModel
+from trainer.families.base import ModelFamily, SampleSettings, VideoModel
 from trainer.parallel import ParallelLayout
 from trainer.reporting.writers import Reporter
 from trainer.resume import ResumePoint
@@ -46,8 +46,10 @@ def print_startup(reporter: Reporter, *, spec: RunSpec, layout: ParallelLayout, 
                      f"{optim.warmup_steps} warmup; timesteps {spec.train.timestep_sampling}"),
     ]
     if validation.prompts or held_out is not None:
-        parts = [f"{len(validation.prompts)} prompt(s) every {validation.every_steps or spec.train.max_steps} steps"
-                 if validation.prompts else "",
+        settings = SampleSettings.of(validation, family.native_clip()) if validation.prompts else None
+        parts = [f"{len(validation.prompts)} prompt(s) every {validation.every_steps or spec.train.max_steps} steps "
+                 f"({settings.num_frames}x{settings.height}x{settings.width} at {settings.fps} fps, "
+                 f"{settings.num_inference_steps} sampling steps)" if settings else "",
                  f"loss on {len(held_out.samples[:validation.loss.max_samples])} held-out samples "
                  f"every {validation.loss.every_steps or spec.train.max_steps} steps" if held_out is not None else ""]
         rows.append(("validation", "; ".join(filter(None, parts)) + ", and at the end"))
