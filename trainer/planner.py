@@ -32,9 +32,11 @@ def parse_video(text: str) -> tuple[int, int, int]:
     return frames, height, width
 
 
-def latent_shapes(spec: RunSpec, family: ModelFamily, videos: list[str]) -> Counter[tuple[int, ...]]:
+def latent_shapes(spec: RunSpec, family: ModelFamily, videos: list[str],
+                  say: Callable[[str], None] = print) -> Counter[tuple[int, ...]]:
     """Latent shapes [C, F, H, W] to plan for, with their sample counts: --video sizes through the VAE's
-    compression, else the shards' manifest.json buckets, else the first sample of the shards."""
+    compression, else the shards' manifest.json buckets, else the first sample of the shards; with no shards
+    yet (planning before packing), the model's native clip."""
     shapes: Counter[tuple[int, ...]] = Counter()
     if videos:
         for text in videos:
@@ -47,7 +49,10 @@ def latent_shapes(spec: RunSpec, family: ModelFamily, videos: list[str]) -> Coun
     try:
         shards = resolve_shards(spec.data.shards)
     except UserError as exc:
-        raise UserError(f"{exc}\n  (to plan before packing, give the clip size: --video 49x480x720)") from None
+        native = family.native_clip()
+        say(f"{exc}\nplanning for the model's native clip {native.frames}x{native.height}x{native.width} "
+            f"(what data_tools/shard.py packs by default; --video FxHxW plans for another)")
+        return Counter({family.latent_shape(native.frames, native.height, native.width, str): 1})
     for folder in dict.fromkeys(Path(s).parent for s in shards):
         manifest = folder / "manifest.json"
         if manifest.is_file():
