@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,8 +19,10 @@ import torch
 
 from trainer.checkpoint import Checkpointer
 from trainer.data import Batch, DataPosition, MicroBatches, flat_position, streaming
+from trainer.diffusion import Objective
 from trainer.errors import UserError
 from trainer.export import export_lora
+from trainer.families.base import VideoModel
 from trainer.faults import StepDecision, StopSignals, decide, preempted, too_many_nonfinite
 from trainer.reporting.interval import T_BUCKETS, Interval
 from trainer.reporting.run_dir import SampleLog, open_run_dir
@@ -278,10 +280,9 @@ def train_step(run: Run, stream: Iterator[Batch], optimizer_step: int) -> StepOu
         waiting = time.perf_counter()
         batch = next(stream)
         out.data_wait_s += time.perf_counter() - waiting
-        x0 = run.model.prepare_latents(batch.latents.to(device, non_blocking=True).float())
-        prompt = batch.prompt_embeds.to(device, non_blocking=True).to(run.dtype)  # cast on the device
         t = run.timesteps(optimizer_step, micro_step)
-        per_sample = run.objective.training_loss(engine, x0, prompt, t, run.noise, run.dtype)
+        x0, per_sample = sample_losses(engine, run.model, run.objective, batch.latents.to(device, non_blocking=True),
+                                       batch.prompt_embeds.to(device, non_blocking=True), t, run.noise, run.dtype)
         valid = batch.valid.to(device, non_blocking=True)
         loss = valid_mean(per_sample, valid)
         engine.backward(loss)
@@ -294,6 +295,16 @@ def train_step(run: Run, stream: Iterator[Batch], optimizer_step: int) -> StepOu
         out.faults.extend(batch.faults)
         out.readable += len(batch.keys) - len(batch.faults)
     return out
+
+
+def sample_losses(call: Callable[..., torch.Tensor], model: VideoModel, objective: Objective, latents: torch.Tensor,
+                  prompt_embeds: torch.Tensor, t: torch.Tensor, noise: torch.Generator,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, per-sample losses [B]) of one micro-batch of stored latents and prompt embeddings: the family's clean
+    latents (1.5 pads its frames), the prompt in the compute dtype, the objective's noise. ``call`` runs the
+    model (the engine; tests/test_parity.py calls the bare model to compare its inputs with the pipeline's)."""
+    x0 = model.prepare_latents(latents.float())
+    return x0, objective.training_loss(call, x0, prompt_embeds.to(dtype), t, noise, dtype)  # cast on the device
 
 
 def valid_mean(per_sample: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
