@@ -1,16 +1,17 @@
 """End to end through launch/train.py: real DeepSpeed ranks learn, and the exported LoRA is what diffusers loads.
 
-The 5B-style runs use the shipped examples/tiny.yaml with --set overrides, so the embedded default is what is
-tested; ZeRO-3 partitions every parameter (persistence threshold 0) so the export's gather is exercised.
+The runs use the shipped examples/tiny.yaml with --set overrides, so the embedded default is what is tested, on
+the 5B-, 2B- and 1.5-style tiny models; ZeRO-3 partitions every parameter (persistence threshold 0) so the
+export's gather is exercised.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import json
 from pathlib import Path
 from statistics import mean
 
+import av
 import pytest
 import torch
 from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
@@ -20,6 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from helpers import REPO, read_metrics, run_train, zero_config
 from trainer.families.base import lora_config
+from trainer.media import read_mp4
 from trainer.spec import load_spec
 
 pytestmark = pytest.mark.slow
@@ -50,11 +52,12 @@ def assert_learned(run_dir: Path, samples_per_step: int) -> list[dict]:
 
 def transformer_inputs(pipe: CogVideoXPipeline):
     gen = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 3, 4, 12, 16, generator=gen)  # [B, F, C, H, W]
+    frames = 4 if pipe.transformer.config.patch_size_t else 3  # 1.5 patches latent frames in pairs
+    latents = torch.randn(1, frames, 4, 12, 16, generator=gen)  # [B, F, C, H, W]
     embeds = torch.randn(1, 226, 32, generator=gen)
     rope = None
     if pipe.transformer.config.use_rotary_positional_embeddings:
-        rope = pipe._prepare_rotary_positional_embeddings(96, 128, 3, torch.device("cpu"))
+        rope = pipe._prepare_rotary_positional_embeddings(96, 128, frames, torch.device("cpu"))
     return dict(hidden_states=latents, encoder_hidden_states=embeds, timestep=torch.tensor([500]),
                 image_rotary_emb=rope, return_dict=False)
 
@@ -141,18 +144,46 @@ def test_zero3_offload_config_trains_and_exports(tiny_5b, shards_5b, tmp_path):
     assert any(t.abs().sum() > 0 for name, t in tensors.items() if "lora_B" in name)  # B moved off its zero init
 
 
-def test_trains_from_mp4_files_packed_by_shard_py(tiny_5b, videos, tmp_path):
-    """The whole path a user takes: mp4 files -> data_tools/shard.py -> launch/train.py -> a LoRA diffusers loads."""
-    shards = tmp_path / "shards"
-    pack = subprocess.run([sys.executable, "data_tools/shard.py", "--input", str(videos), "--model", str(tiny_5b),
-                           "--out", str(shards), "--frames", "9", "--height", "96", "--width", "128",
-                           "--shard-size", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert pack.returncode == 0, pack.stderr[-3000:]
-    assert "6 samples in 6 shards" in pack.stdout
+def test_trains_from_mp4_files_packed_by_shard_py(tiny_5b, packed_5b, tmp_path):
+    """The whole path a user takes: mp4 files -> data_tools/shard.py (conftest's packed_5b, with the model's
+    defaults) -> launch/train.py -> a LoRA diffusers loads."""
+    assert json.loads((packed_5b / "manifest.json").read_text())["samples"] == 6
     run_dir = tmp_path / "run"
     proc = run_train(REPO / "examples" / "tiny.yaml", ranks=2, overrides=(
-        f"model.path={tiny_5b}", f"data.shards={shards}", f"run.output_dir={run_dir}", f"train.max_steps={STEPS}",
+        f"model.path={tiny_5b}", f"data.shards={packed_5b}", f"run.output_dir={run_dir}", f"train.max_steps={STEPS}",
         "logging.every_steps=1", "checkpoint.every_steps=0"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_learned(run_dir, samples_per_step=4)
     assert_export_applies(run_dir / "lora", tiny_5b, run_dir / "lora" / "spec.yaml")
+
+
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_cogvideox_15_from_mp4_files_learns_samples_and_exports(stage, tiny_15, packed_15, tmp_path):
+    """The whole path a 1.5 user takes: mp4 files -> data_tools/shard.py with the model's defaults (17x96x128 at
+    16 fps: 5 latent frames, padded to 6) -> 2 ranks -> videos from CogVideoXPipeline at the model's clip (ZeRO-2)
+    or the one asked for (ZeRO-3) -> a LoRA that load_lora_weights applies at the trained scale."""
+    manifest = json.loads((packed_15 / "manifest.json").read_text())
+    assert manifest["options"]["fps"] == 16.0 and list(manifest["buckets"]) == ["17x96x128"]
+    assert manifest["buckets"]["17x96x128"]["latents"] == [4, 5, 12, 16] and manifest["samples"] == 6
+    run_dir = tmp_path / "run"
+    asked = {2: {}, 3: {"num_frames": 33, "height": 80, "width": 112, "fps": 10}}[stage]
+    proc = run_train(REPO / "examples" / "tiny.yaml", ranks=2, overrides=(
+        f"model.path={tiny_15}", f"data.shards={packed_15}", f"run.output_dir={run_dir}",
+        f"deepspeed.config={zero_config(tmp_path, stage)}", f"train.max_steps={STEPS}", "logging.every_steps=1",
+        "checkpoint.every_steps=0", "checkpoint.every_minutes=null", "validation.every_steps=0",
+        "validation.num_inference_steps=2", *[f"validation.{k}={v}" for k, v in asked.items()]))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"ZeRO-{stage}, bf16, 2 rank(s)" in proc.stderr
+    assert "144 video + 226 text (latents 4x5x12x16, 6 samples)" in proc.stderr  # 6 x 12 x 16 / (2 x 2 x 2)
+    assert_learned(run_dir, samples_per_step=4)
+    frames, height, width, fps = (asked.get(k, v) for k, v in (("num_frames", 17), ("height", 96), ("width", 128),
+                                                                 ("fps", 16)))
+    assert f"({frames}x{height}x{width} at {fps} fps, 2 sampling steps)" in proc.stderr
+    videos = sorted((run_dir / "samples" / f"step_{STEPS:06d}").glob("*.mp4"))
+    assert len(videos) == 2
+    for video in videos:
+        decoded = read_mp4(video)
+        assert decoded.shape == (frames, height, width, 3) and decoded.std() > 0
+        with av.open(str(video)) as container:
+            assert container.streams.video[0].average_rate == fps
+    assert_export_applies(run_dir / "lora", tiny_15, run_dir / "lora" / "spec.yaml")
