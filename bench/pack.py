@@ -42,12 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="model directory (default: a tiny random-weight CogVideoX)")
     p.add_argument("--clips", type=int, default=8)
-    p.add_argument("--frames", type=int, default=9)
-    p.add_argument("--height", type=int, default=96)
-    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--frames", type=int, help="default: the model's native clip (the tiny model's 9x96x128)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
     p.add_argument("--src-height", type=int, default=120)
     p.add_argument("--src-width", type=int, default=160)
-    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--fps", type=int, help="default: the model's")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--decode-workers", type=int, default=4)
     args = p.parse_args(argv)
@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def bench(args: argparse.Namespace, work: Path) -> int:
     model = args.model or write_tiny_model(work / "model", "5b")
+    family = load_family(str(model))
+    native = family.native_clip()
+    args.frames, args.height, args.width = (args.frames or native.frames, args.height or native.height,
+                                            args.width or native.width)
+    args.fps = args.fps or native.fps
+    family.latent_shape(args.frames, args.height, args.width, lambda name: f"--{name.replace('num_', '')}")
     src_frames = (args.frames - 1) + args.fps // 2 + 1  # a little longer than the clip needs
     write_synthetic_videos(work / "videos", args.clips, src_frames, args.src_height, args.src_width, args.fps)
     _, entries = read_inputs(work / "videos")
@@ -68,7 +74,7 @@ def bench(args: argparse.Namespace, work: Path) -> int:
     dtype = encoding_dtype(device)
 
     start = time.perf_counter()
-    encoder = load_family(str(model)).encoders(device, dtype, vae_tiling=True)
+    encoder = family.encoders(device, dtype, vae_tiling=True)
     load_s = time.perf_counter() - start
     bucket = Bucket(args.frames, args.height, args.width)
     clips = [decode_clip(video, [bucket], float(args.fps)) for video in videos]

@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--width", type=int, help="default: the model's native width (720, 1360)")
     p.add_argument("--buckets", help="several FRAMESxHEIGHTxWIDTH targets, e.g. 49x480x720,49x480x480,25x480x720; "
                                      "each clip goes to the one closest in aspect ratio that it is long enough for "
-                                     "(replaces --frames/--height/--width)")
+                                     "(instead of --frames/--height/--width)")
     p.add_argument("--fps", type=float, help="sample frames at this rate (default: the model's, 8 for CogVideoX "
                                            "1.0, 16 for 1.5)")
     p.add_argument("--evenly", action="store_true", help="spread the frames evenly over each whole clip instead")
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--video-column", default="video", help="manifest column with the video path")
     p.add_argument("--caption-column", default="caption", help="manifest column with the caption")
     args = p.parse_args(argv)
-    if args.buckets:
+    if args.buckets is not None:
         if any(v is not None for v in (args.frames, args.height, args.width)):
             p.error("--buckets replaces --frames/--height/--width: give one or the other")
         try:
@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("shard_size", "decode_workers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.evenly and args.fps is not None:
+        p.error("--evenly spreads the frames over each clip instead of sampling at --fps: give one or the other")
     if args.fps is not None and args.fps <= 0:
         p.error("--fps must be positive (or use --evenly)")
     return args
@@ -88,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def targets(args: argparse.Namespace, native: NativeClip) -> tuple[list[Bucket], float | None]:
     """The buckets and fps to pack: the flags, each one left out the model's native clip's."""
-    if args.buckets:
+    if args.buckets is not None:
         buckets = parse_buckets(args.buckets)
     else:
         frames, height, width = (native.frames if args.frames is None else args.frames,

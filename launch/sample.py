@@ -77,15 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, section, precision = resolve(args)
         from trainer.families import load_family
-        from trainer.families.base import SampleSettings
 
         try:
             family = load_family(model, sampling=True)
         except UserError as exc:
             raise UserError(str(exc).replace("model.path:", "--model:" if args.model else "--spec's model.path:",
                                              1)) from None
-        settings = SampleSettings.of(section, family.native_clip())
-        family.check_sampling(settings, lambda name: "--model" if name == "prompts" else f"--{name.replace('_', '-')}")
+        settings = family.check_sampling(
+            section, lambda name: "--model" if name == "prompts" else f"--{name.replace('_', '-')}")
         if args.lora is not None and not args.lora.exists():
             raise UserError(f"--lora: no such file or directory: {args.lora}")
     except UserError as exc:

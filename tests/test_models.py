@@ -121,6 +121,13 @@ def test_published_configuration_on_the_meta_device(name):
     theirs = meta_pipeline(family)._prepare_rotary_positional_embeddings(
         native.height, native.width, x0.shape[2], torch.device("cpu"))
     assert torch.equal(rope[0], theirs[0]) and torch.equal(rope[1], theirs[1])
+    pipe = meta_pipeline(family)
+    for frames, height, width in ((49, 480, 480), (81, 320, 960), (17, 768, 1360)):  # other clips: other crops
+        grid = model.prepare_latents(torch.empty(1, *family.latent_shape(frames, height, width, str),
+                                                 device="meta")).shape[2:]
+        ours = model.rotary_embedding(*grid, torch.device("cpu"))
+        theirs = pipe._prepare_rotary_positional_embeddings(height, width, grid[0], torch.device("cpu"))
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1]), (frames, height, width)
 
 
 def test_the_15_clip_rule_and_rope_do_not_depend_on_which_published_base_grid(tmp_path):
@@ -160,3 +167,20 @@ def test_shipped_examples_plan_against_the_published_configs(example, model, ran
     assert f"{expected.tokens:,} video + 226 text tokens" in out
     assert f"{expected.params:,} frozen" in out
     assert "checkpointing on *" in out  # every shipped example checkpoints
+
+
+def test_the_planner_plans_the_native_clip_only_before_packing(tmp_path):
+    """No shards yet: the native clip. Shards that should be there but are not (an empty folder): an error."""
+    from trainer.planner import latent_shapes
+    from trainer.spec import RunSpec
+
+    family = load_family(str(CONFIGS / "cogvideox1.5-5b"), weights=False)
+    spec = RunSpec.model_validate({"model": {"path": str(CONFIGS / "cogvideox1.5-5b")},
+                                   "data": {"shards": str(tmp_path / "not-packed-yet")}, "train": {"max_steps": 1}})
+    notes: list[str] = []
+    assert latent_shapes(spec, family, [], notes.append) == {(16, 21, 96, 170): 1}
+    assert "planning for the model's native clip 81x768x1360" in notes[0]
+    (tmp_path / "empty").mkdir()
+    empty = spec.model_copy(update={"data": spec.data.model_copy(update={"shards": str(tmp_path / "empty")})})
+    with pytest.raises(UserError, match=r"data.shards: .* matches no .tar file"):
+        latent_shapes(empty, family, [], notes.append)

@@ -170,6 +170,11 @@ def test_input_and_option_mistakes_stop_before_any_work(videos, tiny_5b, tiny_15
         shard.main(["--input", str(videos), "--model", str(tiny_5b), "--out", str(tmp_path / "c"), "--frames", "9",
                     "--buckets", "9x96x128"])
     assert "--buckets replaces --frames/--height/--width" in capsys.readouterr().err
+    for flags, message in ((["--evenly", "--fps", "16"], "--evenly spreads the frames over each clip instead"),
+                           (["--buckets", ""], "--buckets: no buckets given")):
+        with pytest.raises(SystemExit, match="2"):
+            shard.main(["--input", str(videos), "--model", str(tiny_5b), "--out", str(tmp_path / "c"), *flags])
+        assert message in capsys.readouterr().err
     # 1.5: 16k+1 frames (41 is on 1.0's 8k+1, not on 1.5's), sides within its rotary position table
     for flags, message in ((["--frames", "41"], "--frames: 41 frames is off CogVideoX 1.5's frame rule 16k+1"),
                            (["--width", "160"], "--width: 160 is beyond the transformer's rotary position table "
@@ -185,6 +190,16 @@ def test_input_and_option_mistakes_stop_before_any_work(videos, tiny_5b, tiny_15
     assert pack(videos, tiny_5b, tmp_path / "e", "--shard-size", "4") == 0
     assert pack(videos, tiny_5b, tmp_path / "e", "--shard-size", "4", "--fps", "4") == 2
     assert "options.fps: 8.0 -> 4.0" in capsys.readouterr().err
+
+
+def test_the_model_defaults_and_the_same_clip_spelled_out_are_one_dataset(packed, videos, tiny_5b, tmp_path):
+    """A directory packed with the model's defaults takes a rerun that names the same clip and fps (the command
+    line before the defaults came from the model): nothing is packed again, no byte changes."""
+    again = tmp_path / "again"
+    shutil.copytree(packed, again)
+    before = digests(again)
+    assert pack(videos, tiny_5b, again, *GEOMETRY, "--fps", "8", "--shard-size", "4") == 0
+    assert digests(again) == before
 
 
 def test_ranks_given_by_flags_pack_their_own_shards_into_the_same_dataset(packed, videos, tiny_5b, tmp_path, capsys):

@@ -6,7 +6,13 @@ Both sides call the same transformer, and a forward pre-hook records its keyword
 is trainer/loop.py's own ``sample_losses`` on the shard's sample at t = 999. The pipeline's side is one DDIM step
 (trailing spacing: t = 999) at the clip's pixel size. It is given the prompt as text, which its own T5 encodes,
 and it starts from the trainer's noisy latents. A second pipeline call from its own noise checks the grid it
-would make itself."""
+would make itself.
+
+A text-to-video pipeline never sees clean latents, and ᾱ(999) = 0 on this zero-terminal-SNR schedule. So the
+latent content is checked along the chain instead. The packed latents are the VAE's posterior sample times its
+scaling factor (tests/test_packing.py). x0 is those latents, with the first frame repeated in front for 1.5
+(here). At an interior timestep of the pipeline's schedule, the trainer's input is the scheduler's own
+``add_noise`` of x0 (here)."""
 
 from __future__ import annotations
 
@@ -70,3 +76,15 @@ def test_the_trainer_feeds_the_transformer_what_the_pipeline_does(flavour, reque
     assert torch.equal(ours_rope[0], their_rope[0]) and torch.equal(ours_rope[1], their_rope[1])
     assert ours_rope[0].shape[0] == model.video_tokens(*x0.shape[2:])  # one position per video token
     assert theirs["return_dict"] is False and ours["return_dict"] is False
+
+    pipe.scheduler.set_timesteps(2)  # trailing spacing: 999, then 499
+    middle = pipe.scheduler.timesteps[1:]
+    assert middle.tolist() == [499]
+    calls, handle = recorded(pipe.transformer)
+    sample_losses(model, model, family.objective(), sample.latents[None], sample.prompt_embeds[None], middle,
+                  torch.Generator().manual_seed(0), torch.float32)
+    handle.remove()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))  # sample_losses' first draw
+    expected = pipe.scheduler.add_noise(x0, noise, middle).transpose(1, 2)
+    torch.testing.assert_close(calls[0]["hidden_states"], expected, rtol=1e-6, atol=1e-6)
+    assert (calls[0]["hidden_states"] - ours["hidden_states"]).abs().mean() > 0.1  # x0 shows at t = 499

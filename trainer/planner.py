@@ -28,7 +28,7 @@ def parse_video(text: str) -> tuple[int, int, int]:
     try:
         frames, height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise UserError(f"--video {text!r}: expected FRAMESxHEIGHTxWIDTH, e.g. 49x480x720") from None
+        raise UserError(f"--video {text!r}: expected FRAMESxHEIGHTxWIDTH, e.g. 81x768x1360") from None
     return frames, height, width
 
 
@@ -46,13 +46,16 @@ def latent_shapes(spec: RunSpec, family: ModelFamily, videos: list[str],
     from trainer.data import resolve_shards
     from trainer.shard_format import ShardError, shard_samples
 
+    if not packed_yet(spec.data.shards):
+        native = family.native_clip()
+        say(f"note: data.shards {spec.data.shards!r} is not there yet: planning for the model's native clip "
+            f"{native.frames}x{native.height}x{native.width} (what data_tools/shard.py packs by default; --video "
+            f"FxHxW plans for another)")
+        return Counter({family.latent_shape(native.frames, native.height, native.width, str): 1})
     try:
         shards = resolve_shards(spec.data.shards)
     except UserError as exc:
-        native = family.native_clip()
-        say(f"{exc}\nplanning for the model's native clip {native.frames}x{native.height}x{native.width} "
-            f"(what data_tools/shard.py packs by default; --video FxHxW plans for another)")
-        return Counter({family.latent_shape(native.frames, native.height, native.width, str): 1})
+        raise UserError(f"{exc}\n  (to plan for a clip size instead: --video FxHxW)") from None
     for folder in dict.fromkeys(Path(s).parent for s in shards):
         manifest = folder / "manifest.json"
         if manifest.is_file():
@@ -67,8 +70,18 @@ def latent_shapes(spec: RunSpec, family: ModelFamily, videos: list[str],
             shapes[tuple(sample.latents.shape)] = 1
             break
     if not shapes:
-        raise UserError("data.shards: no readable sample to plan for; give the clip size: --video 49x480x720")
+        raise UserError("data.shards: no readable sample to plan for; give the clip size: --video FxHxW")
     return shapes
+
+
+def packed_yet(shards: str | list[str]) -> bool:
+    """Whether any entry of data.shards names something that exists (a pattern: its folder). A planner run
+    before packing plans for the native clip; a typo in a path that exists still fails."""
+    def exists(entry: str) -> bool:
+        pattern = any(ch in entry for ch in "{*?[")
+        return Path(entry.split("{")[0]).parent.exists() if pattern else Path(entry).exists()
+
+    return any(exists(entry) for entry in ([shards] if isinstance(shards, str) else shards))
 
 
 def zero_settings(spec: RunSpec, world_size: int) -> dict[int, ZeroSettings]:

@@ -57,7 +57,7 @@ def preflight_validation(spec: RunSpec, family: ModelFamily, shapes: SampleShape
     """Check the validation section against the model directory; returns the held-out shards (maybe none)."""
     section = spec.validation
     if section.prompts:
-        family.check_sampling(SampleSettings.of(section, family.native_clip()), lambda name: f"validation.{name}")
+        family.check_sampling(section, lambda name: f"validation.{name}")
     if section.loss.shards is None:
         return []
     shards = resolve_shards(section.loss.shards, "validation.loss.shards")

@@ -114,7 +114,6 @@ class NativeClip:
     width: int
     fps: int
     frame_multiple: int
-    source: str  # where the values come from, for messages and the README ("the transformer config's ...")
 
     def __str__(self) -> str:
         return f"{self.frames}x{self.height}x{self.width} at {self.fps} fps"
@@ -183,7 +182,9 @@ class ModelFamily(Protocol):
     def structure(self) -> TransformerStructure: ...
 
     # sampling and the LoRA file
-    def check_sampling(self, settings: SampleSettings, field: Callable[[str], str]) -> None: ...
+    def check_sampling(self, section: ValidationSection, field: Callable[[str], str]) -> SampleSettings:
+        """The settings ``section`` samples with (its unset sizes the native clip's), once this directory has
+        what sampling needs and can make that clip; errors name ``field(name)``."""
     def pipeline(self, transformer: nn.Module, dtype: torch.dtype, device: torch.device) -> Any: ...
     def generate(self, pipe: Any, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
                  settings: SampleSettings, on_step: Callable[[int], None] = ...) -> np.ndarray: ...

@@ -39,7 +39,7 @@ from trainer.families.base import (
 )
 from trainer.media import to_uint8
 from trainer.shard_format import SampleShapes
-from trainer.spec import LoraSection
+from trainer.spec import LoraSection, ValidationSection
 
 TRANSFORMER_CLASS = "CogVideoXTransformer3DModel"
 
@@ -127,16 +127,15 @@ class CogVideoX:
     def native_clip(self) -> NativeClip:
         """The clip the variant was trained on: frames from the transformer config's sample_frames (what its
         pipeline defaults to); height and width from the model card, or from the transformer's base grid
-        (sample_height x sample_width latents) where that is smaller; fps and the frame rule from the card.
-        (The pipeline defaults the size to the base grid, which for CogVideoX1.5-5B's published 300 x 300, the
-        extent of its RoPE table, is 2400x2400.)"""
+        (sample_height x sample_width latents, whole patches) where that is smaller; fps and the frame rule from
+        the card. (The pipeline defaults the size to the base grid, which for CogVideoX1.5-5B's published
+        300 x 300, the extent of its RoPE table, is 2400x2400.)"""
         spatial, _ = self._compression()
-        card, cfg = MODEL_CARDS[self.variant.version], self.config
-        height, width = min(card.height, cfg["sample_height"] * spatial), min(card.width, cfg["sample_width"] * spatial)
-        return NativeClip(cfg["sample_frames"], height, width, card.fps, card.frame_multiple,
-                          f"sample_frames of {self._source()}, CogVideoX {self.variant.version}'s model card "
-                          f"({card.width}x{card.height} at {card.fps} fps, {card.frame_multiple}k+1 frames) within "
-                          f"the transformer's base grid of {cfg['sample_height']}x{cfg['sample_width']} latents")
+        card, patch = MODEL_CARDS[self.variant.version], self.config["patch_size"]
+        base = [self.config.get(key, default) // patch * patch * spatial  # diffusers' defaults where unset
+                for key, default in (("sample_height", 60), ("sample_width", 90))]
+        return NativeClip(self.config.get("sample_frames", 49), min(card.height, base[0]), min(card.width, base[1]),
+                          card.fps, card.frame_multiple)
 
     def _compression(self) -> tuple[int, int]:
         """(spatial, temporal) compression of the directory's VAE."""
@@ -152,9 +151,11 @@ class CogVideoX:
         of the VAE's compression times the patch, or (1.5) beyond the transformer's RoPE table."""
         spatial, temporal = self._compression()
         multiple = MODEL_CARDS[self.variant.version].frame_multiple
-        assert multiple % temporal == 0, "a model card's frame rule that its VAE cannot make"
+        if multiple % temporal:
+            raise UserError(f"model.path: {self.model_dir}'s VAE compresses time {temporal}x, which cannot make "
+                            f"CogVideoX {self.variant.version}'s {multiple}k+1 frames")
         if frames < 1 or (frames - 1) % multiple:
-            near = max(1, round((frames - 1) / multiple)) * multiple + 1
+            near = max(1, int((frames - 1) / multiple + 0.5)) * multiple + 1
             raise UserError(f"{option('num_frames')}: {frames} frames is off CogVideoX {self.variant.version}'s "
                             f"frame rule {multiple}k+1 (its model card; the VAE compresses time {temporal}x), "
                             f"for example {near}")
@@ -261,10 +262,11 @@ class CogVideoX:
 
     # ---- sampling and the LoRA file
 
-    def check_sampling(self, settings: SampleSettings, field: Callable[[str], str]) -> None:
-        """Frames and size this directory's VAE and transformer can produce; errors name ``field(name)``."""
+    def check_sampling(self, section: ValidationSection, field: Callable[[str], str]) -> SampleSettings:
         self.check_encoders(field("prompts"), "sampling videos", ("model_index.json", *media.ENCODER_PARTS))
+        settings = SampleSettings.of(section, self.native_clip())
         self.latent_shape(settings.num_frames, settings.height, settings.width, field)
+        return settings
 
     def pipeline(self, transformer: nn.Module, dtype: torch.dtype, device: torch.device) -> Any:
         return media.load_pipeline(self.model_dir, transformer, dtype, device)
