@@ -77,7 +77,8 @@ def test_the_gpu_benchmark_runs_at_tiny_size():
 
 
 def test_dry_run_plans_cogvideox_5b_without_weights(tmp_path):
-    """A model directory of configs only (no weights at all) and no shards: --video gives the clip size."""
+    """A model directory of configs only (no weights at all) and no shards: --video gives the clip size, or the
+    model's native clip does."""
     model = tmp_path / "CogVideoX-5b"
     for part, config in (("transformer", {"_class_name": "CogVideoXTransformer3DModel", **COGVIDEOX_5B}),
                          ("vae", {"latent_channels": 16, "block_out_channels": [128, 256, 256, 512],
@@ -105,5 +106,8 @@ def test_dry_run_plans_cogvideox_5b_without_weights(tmp_path):
     assert frozen[2] == pytest.approx(frozen[0] / 8, rel=0.01)  # ZeRO-3: an eighth
     assert not (tmp_path / "runs").exists()
 
-    proc = run_python("launch/train.py", "--spec", str(spec), "--dry-run")  # no --video and no shards
-    assert proc.returncode == 2 and "data.shards" in proc.stderr and "--video 49x480x720" in proc.stderr
+    # no --video and no shards yet: the model's native clip, which is this one
+    native = run_python("launch/train.py", "--spec", str(spec), "--dry-run", "--ranks", "8")
+    assert native.returncode == 0, native.stderr[-3000:]
+    assert "planning for the model's native clip 49x480x720" in native.stdout
+    assert row(native.stdout, "total") == totals

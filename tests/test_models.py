@@ -184,3 +184,29 @@ def test_the_planner_plans_the_native_clip_only_before_packing(tmp_path):
     empty = spec.model_copy(update={"data": spec.data.model_copy(update={"shards": str(tmp_path / "empty")})})
     with pytest.raises(UserError, match=r"data.shards: .* matches no .tar file"):
         latent_shapes(empty, family, [], notes.append)
+
+
+@pytest.mark.parametrize("flavour,published", [("2b", "cogvideox-2b"), ("5b", "cogvideox-5b"),
+                                               ("1.5", "cogvideox1.5-5b")])
+def test_each_tiny_flavour_has_its_published_structure_and_settings(flavour, published, request):
+    """Only sizes differ: widths, depths, the base grid and sample_frames (so that the native clip is small)."""
+    tiny = request.getfixturevalue({"2b": "tiny_2b", "5b": "tiny_5b", "1.5": "tiny_15"}[flavour])
+    sizes = {"num_attention_heads", "attention_head_dim", "num_layers", "in_channels", "out_channels",
+             "time_embed_dim", "text_embed_dim", "sample_frames", "sample_height", "sample_width"}
+
+    def read(root, part):
+        return {k: v for k, v in json.loads((root / part).read_text()).items() if not k.startswith("_")}
+
+    def transformer(root):  # every argument, the class's defaults where the file leaves one out
+        config = load_family(str(root), weights=False).transformer_from_config("meta").config
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
+    ours, theirs = transformer(tiny), transformer(CONFIGS / published)
+    assert ours.keys() == theirs.keys()
+    assert {k: ours[k] for k in ours.keys() - sizes} == {k: theirs[k] for k in theirs.keys() - sizes}
+    assert read(tiny, "scheduler/scheduler_config.json") == read(CONFIGS / published,
+                                                                  "scheduler/scheduler_config.json")
+    vae, their_vae = read(tiny, "vae/config.json"), read(CONFIGS / published, "vae/config.json")
+    for key in ("scaling_factor", "invert_scale_latents", "temporal_compression_ratio"):
+        assert vae[key] == their_vae[key], key
+    assert len(vae["block_out_channels"]) == len(their_vae["block_out_channels"])  # the same 8x spatial
