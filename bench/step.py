@@ -60,19 +60,14 @@ def bare(spec_path: str, steps: int) -> list[float]:
     engine = build_engine(spec, model, plan.ds_config)
     engine.train()  # as the trainer does
     batches = in_memory_batches(spec, plan, model, engine.device, dtype)
-    device = engine.device
-    times = []
-    for step in range(WARMUP_STEPS + steps):
-        x_t, text, t, target = batches[step % len(batches)]
-        start = time.perf_counter()
+
+    def step(x_t, text, t, target) -> None:
         for _ in range(spec.train.gradient_accumulation_steps):
             loss = F.mse_loss(engine(x_t, text, t).float(), target)
             engine.backward(loss)
             engine.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times[WARMUP_STEPS:]
+
+    return timed(batches, steps, engine.device, step)
 
 
 def plain(spec_path: str, steps: int) -> list[float]:
@@ -97,16 +92,28 @@ def plain(spec_path: str, steps: int) -> list[float]:
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
                                   weight_decay=optim.weight_decay)
     batches = in_memory_batches(spec, plan, model, device, dtype)
-    times = []
-    for step in range(WARMUP_STEPS + steps):
-        x_t, text, t, target = batches[step % len(batches)]
-        start = time.perf_counter()
+
+    def step(x_t, text, t, target) -> None:
         for _ in range(spec.train.gradient_accumulation_steps):
             loss = F.mse_loss(model(x_t, text, t).float(), target)
             (loss / spec.train.gradient_accumulation_steps).backward()
         torch.nn.utils.clip_grad_norm_(params, spec.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    return timed(batches, steps, device, step)
+
+
+def timed(batches: list[tuple], steps: int, device, step) -> list[float]:
+    """Seconds per optimizer step of ``step(*batch)`` over the batches in turn, after WARMUP_STEPS untimed
+    ones; on a GPU each step is waited for before the clock stops."""
+    import torch
+
+    times = []
+    for i in range(WARMUP_STEPS + steps):
+        batch = batches[i % len(batches)]
+        start = time.perf_counter()
+        step(*batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
