@@ -130,26 +130,26 @@ class CogVideoX:
         (sample_height x sample_width latents, whole patches) where that is smaller; fps and the frame rule from
         the card. (The pipeline defaults the size to the base grid, which for CogVideoX1.5-5B's published
         300 x 300, the extent of its RoPE table, is 2400x2400.)"""
-        spatial, _ = self._compression()
+        spatial, _, _ = self._compression()
         card, patch = MODEL_CARDS[self.variant.version], self.config["patch_size"]
         base = [self.config.get(key, default) // patch * patch * spatial  # diffusers' defaults where unset
                 for key, default in (("sample_height", 60), ("sample_width", 90))]
         return NativeClip(self.config.get("sample_frames", 49), min(card.height, base[0]), min(card.width, base[1]),
                           card.fps, card.frame_multiple)
 
-    def _compression(self) -> tuple[int, int]:
-        """(spatial, temporal) compression of the directory's VAE."""
+    def _compression(self) -> tuple[int, int, int]:
+        """(spatial, temporal) compression and latent channels of the directory's VAE."""
         vae = self._vae_config()
         if vae is None:
             raise UserError(f"model.path: {self.model_dir} has no vae/config.json to size clips with")
-        return 2 ** (len(vae["block_out_channels"]) - 1), vae["temporal_compression_ratio"]
+        return 2 ** (len(vae["block_out_channels"]) - 1), vae["temporal_compression_ratio"], vae["latent_channels"]
 
     def latent_shape(self, frames: int, height: int, width: int,
                      option: Callable[[str], str]) -> tuple[int, int, int, int]:
         """Latents [C, F, H, W] of a clip, or a UserError naming ``option(name)`` (name: num_frames, height or
         width) when the clip is off the variant's rule: frames off its model card's k·m+1, sides not multiples
         of the VAE's compression times the patch, or (1.5) beyond the transformer's RoPE table."""
-        spatial, temporal = self._compression()
+        spatial, temporal, channels = self._compression()
         multiple = MODEL_CARDS[self.variant.version].frame_multiple
         if multiple % temporal:
             raise UserError(f"model.path: {self.model_dir}'s VAE compresses time {temporal}x, which cannot make "
@@ -170,7 +170,6 @@ class CogVideoX:
                     raise UserError(f"{option(name)}: {value} is beyond the transformer's rotary position table "
                                     f"({key} {self.config[key]} latents = {self.config[key] * spatial} pixels, "
                                     f"in {self._source()})")
-        channels = self._vae_config()["latent_channels"]  # type: ignore[index]  # _compression read it
         return channels, (frames - 1) // temporal + 1, height // spatial, width // spatial
 
     def encoder_configs(self) -> dict[str, dict]:
