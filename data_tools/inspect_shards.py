@@ -52,6 +52,14 @@ def check_sample(sample: Sample, manifest: dict, report: Report) -> None:
             problems.append(f"{name} holds NaN or inf")
     if not str(meta.get("caption", "")).strip():
         problems.append("empty caption in its json")
+    image_to_video = manifest.get("kind") == "image-to-video"
+    if image_to_video and sample.image is None:
+        problems.append("no conditioning image, but manifest.json says the shards are image-to-video")
+    elif not image_to_video and sample.image is not None:
+        problems.append("a conditioning image in a text-to-video dataset")
+    elif sample.image is not None and list(sample.image.shape) != [3, meta.get("height"), meta.get("width")]:
+        problems.append(f"conditioning image {list(sample.image.shape)}, its json says {meta.get('height')}x"
+                        f"{meta.get('width')}")
     for problem in problems:
         report.bad(sample.shard, sample.key, problem)
     if not problems:

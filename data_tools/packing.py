@@ -31,7 +31,7 @@ from trainer.dtypes import PRECISIONS, torch_name
 from trainer.errors import UserError
 from trainer.families.base import Encoders
 from trainer.files import atomic_write
-from trainer.shard_format import encode_sample
+from trainer.shard_format import IMAGE, encode_sample
 
 FORMAT = "cogvideox-lora-trainer shards v1"
 EMPTY_PROMPT = "empty_prompt.safetensors"
@@ -47,6 +47,7 @@ class PackOptions:
     seed: int
     dtype: str
     vae_tiling: bool
+    image: bool = False  # image-to-video: each sample also carries its clip's first frame
 
     def bucket_list(self) -> list[Bucket]:
         return [Bucket(*(int(v) for v in b.split("x"))) for b in self.buckets]
@@ -144,12 +145,21 @@ def _encode(entry: Entry, clip: Clip, encoder: Encoders, options: PackOptions) -
     if not (torch.isfinite(latents).all() and torch.isfinite(embeds).all()):
         raise VideoError("non_finite", f"{entry.source}: the encoders returned NaN/inf")
     key = f"{entry.index:09d}"
+    # the picture the image-to-video pipeline would be given for this clip: its first frame, as 8-bit RGB
+    image = first_frame(clip.frames) if options.image else None
     meta = {"caption": entry.caption, "source": entry.source, "fps": clip.fps, "num_frames": clip.bucket.frames,
             "height": clip.bucket.height, "width": clip.bucket.width, "source_size": list(clip.source_size),
             "index": entry.index}
-    return encode_sample(key, latents, embeds, meta), {"key": key, "bucket": str(clip.bucket),
-                                                       "latents": list(latents.shape),
-                                                       "prompt_embeds": list(embeds.shape)}
+    line = {"key": key, "bucket": str(clip.bucket), "latents": list(latents.shape),
+            "prompt_embeds": list(embeds.shape)}
+    if image is not None:
+        line["image"] = list(image.shape)
+    return encode_sample(key, latents, embeds, meta, image), line
+
+
+def first_frame(frames: torch.Tensor) -> torch.Tensor:
+    """[F, 3, H, W] in [-1, 1] -> the first frame as uint8 [3, H, W] (data_tools/video.py's scaling, undone)."""
+    return ((frames[0] + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def pack_chunk(chunk: int, entries: list[Entry], encoder: Encoders, options: PackOptions, out: Path, tag: str,
@@ -216,8 +226,13 @@ def finalize(out: Path, num_chunks: int, identity: dict, model_dir: Path, encode
                                                   "latents": sample["latents"], "samples": 0})
         b["samples"] += 1
     embeds = {tuple(s["prompt_embeds"]) for rec in records for s in rec["samples"]}
+    image = identity["options"].get("image", False)
     manifest = {
         "format": FORMAT,
+        # what the samples condition: a text-to-video directory trains text-to-video models only, and an
+        # image-to-video one image-to-video models (its samples carry the first frame too)
+        "kind": "image-to-video" if image else "text-to-video",
+        **({"image": {"member": IMAGE, "what": "the clip's first frame, uint8 [3, height, width]"}} if image else {}),
         "samples": sum(b["samples"] for b in buckets.values()),
         "buckets": dict(sorted(buckets.items())),
         "prompt_embeds": list(next(iter(embeds))) if len(embeds) == 1 else sorted(map(list, embeds)),
@@ -238,7 +253,10 @@ def finalize(out: Path, num_chunks: int, identity: dict, model_dir: Path, encode
 def identity_of(options: PackOptions, layout: str, input_path: Path, fingerprint: str, entries: int,
                 encoder_configs: dict[str, dict], compute: str) -> dict:
     vae, text = encoder_configs["vae"], encoder_configs["text_encoder"]
-    return json.loads(json.dumps({"format": FORMAT, "options": asdict(options), "compute": compute,
+    chosen = asdict(options)
+    if not options.image:
+        del chosen["image"]  # text-to-video packs keep the identity they had before image-to-video existed
+    return json.loads(json.dumps({"format": FORMAT, "options": chosen, "compute": compute,
             "input": {"path": str(input_path), "layout": layout, "entries": entries, "fingerprint": fingerprint},
             "model": {"vae_scaling_factor": vae.get("scaling_factor"), "latent_channels": vae["latent_channels"],
                       "text_hidden_size": text.get("d_model")}}))  # as it reads back from pack.json

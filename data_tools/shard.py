@@ -12,6 +12,8 @@ inputs are listed with their reason in SHARDS_DIR/rejected.jsonl and the rest is
 
 Frames, size and fps default to the model's native clip, read from its directory (CogVideoX 1.0: 49x480x720 at
 8 fps; 1.5: 81x768x1360 at 16 fps); a target off the model's frame rule or patch grid is refused before any work.
+For an image-to-video model each sample also stores its clip's first frame (the picture the pipeline would be
+given), and manifest.json says "kind": "image-to-video".
 """
 
 from __future__ import annotations
@@ -153,7 +155,8 @@ def pack(args: argparse.Namespace) -> int:
     model_dir, encoder_configs = family.model_dir.resolve(), family.encoder_configs()
     layout, entries = read_inputs(args.input, args.video_column, args.caption_column)
     options = packing.PackOptions(buckets=tuple(map(str, buckets)), fps=fps, shard_size=args.shard_size,
-                                  seed=args.seed, dtype=args.dtype, vae_tiling=args.vae_tiling)
+                                  seed=args.seed, dtype=args.dtype, vae_tiling=args.vae_tiling,
+                                  image=family.image_to_video)
     device = pick_device(args.device, local_rank)
     dtype = encoding_dtype(device)
     # the compute device and dtype change the latents' bits: a rerun must not mix CPU and GPU samples

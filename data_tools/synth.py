@@ -43,6 +43,12 @@ def pattern(i: int, shape: tuple[int, int, int, int]) -> torch.Tensor:
     return math.sqrt(2) * torch.stack(channels)
 
 
+def picture(rgb: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[3, h, w] in about [-1.5, 1.5] -> a uint8 picture [3, height, width], smoothly upscaled."""
+    big = torch.nn.functional.interpolate(rgb[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    return ((big / 1.5).clamp(-1, 1) * 127.5 + 127.5).round().to(torch.uint8)
+
+
 def write_synthetic_shards(model_dir: Path, out: Path, samples: int, samples_per_shard: int,
                            frames: int | None = None, height: int | None = None, width: int | None = None,
                            seed: int = 0) -> list[Path]:
@@ -61,8 +67,11 @@ def write_synthetic_shards(model_dir: Path, out: Path, samples: int, samples_per
         for i, text in enumerate(captions):
             meta = {"caption": text, "source": "synthetic", "fps": native.fps, "num_frames": frames,
                     "height": height, "width": width}
-            sink.write(encode_sample(f"synth{seed + i:06d}", pattern(seed + i, shape).to(torch.bfloat16),
-                                     embeds[i].to(torch.bfloat16), meta))
+            latents = pattern(seed + i, shape)
+            # an image-to-video sample's first frame: the pattern's first latent frame, as a picture
+            image = picture(latents[:3, 0], height, width) if family.image_to_video else None
+            sink.write(encode_sample(f"synth{seed + i:06d}", latents.to(torch.bfloat16), embeds[i].to(torch.bfloat16),
+                                     meta, image))
     return sorted(out.glob("train-*.tar"))
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write a tiny, random-weight but complete CogVideoX model directory that diffusers loads offline.
 
-    python data_tools/tiny_model.py --out runs/tiny-5b --flavour 5b     # or 2b, 1.5
+    python data_tools/tiny_model.py --out runs/tiny-5b --flavour 5b     # or 2b, 1.5, 5b-i2v, 1.5-i2v
 
 Real classes throughout (CogVideoXTransformer3DModel, AutoencoderKLCogVideoX, T5EncoderModel, a T5 tokenizer,
 CogVideoXDDIMScheduler), saved with save_pretrained, so the trainer loads it through exactly the code path a
@@ -16,6 +16,11 @@ carries its model's published structure and settings (huggingface.co/THUDM/<mode
        diffusers config, its conversion script and CogVideoXPipeline's default say 226); vae: scaling_factor
        0.7, invert_scale_latents true; scheduler: snr_shift_scale 1.0 (as diffusers'
        scripts/convert_cogvideox_to_diffusers.py is run for it and the SAT config's ZeroSNRDDPM default)
+  5b-i2v   (CogVideoX-5b-I2V) the 5b flavour with in_channels = 2 x out_channels (the image latents are
+       concatenated on channels) and use_learned_positional_embeddings true (beside 3D RoPE): its clip is the base
+       grid and sample_frames, nothing else
+  1.5-i2v  (CogVideoX1.5-5B-I2V) the 1.5 flavour with in_channels = 2 x out_channels and ofs_embed_dim (512 in the
+       published config, equal to its time_embed_dim: diffusers adds the ofs embedding to the timestep one)
   All: a zero-terminal-SNR v-prediction DDIM schedule, scaled_linear betas 0.00085..0.012, "trailing" spacing.
 The base grid (sample_height x sample_width latents) is 12 x 16, a native clip of 96x128: 9 frames for the 1.0
 flavours and 17 (16k+1, as 1.5's 81) for 1.5, whose 5 latent frames are an odd number, padded to 6.
@@ -38,15 +43,20 @@ class Flavour:
     snr_shift_scale: float
     vae_scaling_factor: float
     invert_scale_latents: bool = False
+    image_to_video: bool = False
 
 
+_5B = {"use_rotary_positional_embeddings": True, "sample_frames": 9}
+_15 = {"use_rotary_positional_embeddings": True, "patch_size_t": 2, "patch_bias": False,
+       "use_learned_positional_embeddings": False, "sample_frames": 17}
 FLAVOURS = {
     "2b": Flavour({"use_rotary_positional_embeddings": False, "sample_frames": 9}, 3.0, 1.15258426),
-    "5b": Flavour({"use_rotary_positional_embeddings": True, "sample_frames": 9}, 1.0, 0.7),
-    "1.5": Flavour({"use_rotary_positional_embeddings": True, "patch_size_t": 2, "patch_bias": False,
-                    "use_learned_positional_embeddings": False, "sample_frames": 17}, 1.0, 0.7,
-                   invert_scale_latents=True),
+    "5b": Flavour(_5B, 1.0, 0.7),
+    "1.5": Flavour(_15, 1.0, 0.7, invert_scale_latents=True),
+    "5b-i2v": Flavour({**_5B, "use_learned_positional_embeddings": True}, 1.0, 0.7, image_to_video=True),
+    "1.5-i2v": Flavour({**_15, "ofs_embed_dim": 32}, 1.0, 0.7, invert_scale_latents=True, image_to_video=True),
 }
+LATENT_CHANNELS = 4
 TEXT_DIM = 32
 TEXT_LEN = 226  # what CogVideoXPipeline encodes prompts to
 
@@ -68,7 +78,13 @@ def _tokenizer():
 
 def write_tiny_model(out: Path, flavour: str = "5b", seed: int = 0, **sizes: Any) -> Path:
     """``sizes``: CogVideoXTransformer3DModel arguments to change (the benchmarks' wider, deeper models)."""
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDDIMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
     from diffusers.utils import logging as diffusers_logging
     from transformers import T5Config, T5EncoderModel
 
@@ -81,7 +97,8 @@ def write_tiny_model(out: Path, flavour: str = "5b", seed: int = 0, **sizes: Any
         decoder_start_token_id=0))  # type: ignore[call-arg]  # T5Config takes what PretrainedConfig does
     transformer: Any = CogVideoXTransformer3DModel(**{
         "num_attention_heads": 2, "attention_head_dim": 16,  # RoPE splits the head dim t:h:w: a multiple of 16
-        "num_layers": 2, "in_channels": 4, "out_channels": 4, "time_embed_dim": 32, "text_embed_dim": TEXT_DIM,
+        "num_layers": 2, "in_channels": LATENT_CHANNELS * (2 if kind.image_to_video else 1),
+        "out_channels": LATENT_CHANNELS, "time_embed_dim": 32, "text_embed_dim": TEXT_DIM,
         "sample_height": 12, "sample_width": 16,  # the base grid: 96x128 video
         "patch_size": 2, "temporal_compression_ratio": 4, "max_text_seq_length": TEXT_LEN,
         **kind.transformer, **sizes})
@@ -92,16 +109,17 @@ def write_tiny_model(out: Path, flavour: str = "5b", seed: int = 0, **sizes: Any
     transformer = transformer.to(torch.bfloat16)
     diffusers_logging.set_verbosity(verbosity)
     vae = AutoencoderKLCogVideoX(
-        latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
+        latent_channels=LATENT_CHANNELS, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
         temporal_compression_ratio=4, scaling_factor=kind.vae_scaling_factor,
         invert_scale_latents=kind.invert_scale_latents)
     scheduler = CogVideoXDDIMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
         clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
         steps_offset=0, timestep_spacing="trailing", snr_shift_scale=kind.snr_shift_scale)
-    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+    pipeline = CogVideoXImageToVideoPipeline if kind.image_to_video else CogVideoXPipeline  # model_index.json
+    pipe = pipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                              scheduler=scheduler)
-    pipe.save_pretrained(out)  # type: ignore[attr-defined]  # DiffusionPipeline's, hidden from mypy
+    pipe.save_pretrained(out)  # type: ignore[union-attr]  # DiffusionPipeline's, hidden from mypy
     return out
 
 

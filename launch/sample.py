@@ -3,6 +3,7 @@
 
     python launch/sample.py --spec runs/NAME/spec.yaml --lora runs/NAME/samples/step_000500/lora --out videos/
     python launch/sample.py --model THUDM/CogVideoX-5b --lora runs/NAME/lora --prompt "a cat ..." --out videos/
+    python launch/sample.py --model THUDM/CogVideoX-5b-I2V --lora ... --prompt "a cat ..." --image cat.png --out v/
 
 With --spec, the model, precision, prompts and sampling settings are the run's validation settings, so the
 videos of a validation step are reproduced from the LoRA saved beside them; any option given overrides them.
@@ -34,6 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="model directory or hub id (default: the spec's model.path)")
     parser.add_argument("--lora", type=Path, help="exported LoRA directory or .safetensors file (none: base model)")
     parser.add_argument("--prompt", action="append", dest="prompts", help="repeatable (default: the spec's)")
+    parser.add_argument("--image", action="append", dest="images",
+                        help="image-to-video models: the first frame of the video, one per --prompt, in order "
+                             "(default: the spec's validation.images)")
     parser.add_argument("--negative-prompt")
     parser.add_argument("--out", type=Path, required=True, help="directory for the mp4 files")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), help="default: the spec's, else bf16")
@@ -55,6 +59,9 @@ def resolve(args: argparse.Namespace) -> tuple[str, ValidationSection, str]:
     values.update({k: getattr(args, k) for k in SETTINGS if getattr(args, k) is not None})
     if args.prompts:
         values["prompts"] = args.prompts
+        values["images"] = []  # the spec's images belong to its prompts
+    if args.images:
+        values["images"] = args.images
     if args.negative_prompt is not None:
         values["negative_prompt"] = args.negative_prompt
     if args.dynamic_cfg is not None:
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(str(exc).replace("model.path:", "--model:" if args.model else "--spec's model.path:",
                                              1)) from None
         settings = family.check_sampling(
-            section, lambda name: "--model" if name == "prompts" else f"--{name.replace('_', '-')}")
+            section, lambda name: {"prompts": "--model", "images": "--image"}.get(name, f"--{name.replace('_', '-')}"))
         if args.lora is not None and not args.lora.exists():
             raise UserError(f"--lora: no such file or directory: {args.lora}")
     except UserError as exc:
@@ -101,7 +108,7 @@ def sample(family: ModelFamily, lora: Path | None, section: ValidationSection, s
            precision: str, out: Path) -> list[Path]:
     import torch
 
-    from trainer.media import write_mp4
+    from trainer.media import read_image, write_mp4
     from trainer.sampling import encode_prompts, video_names, write_prompt_list
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -112,12 +119,13 @@ def sample(family: ModelFamily, lora: Path | None, section: ValidationSection, s
         family.load_lora(pipe, lora)  # with the file's adapter metadata: the trained alpha / rank scale
     pipe.transformer.eval()  # the layers load_lora_weights adds come in training mode
     names = video_names(section.prompts)
+    images = [read_image(Path(path), "--image") for path in section.images]
     files = []
     for i, prompt in enumerate(section.prompts):
-        frames = family.generate(pipe, embeds[i], embeds[-1], settings)
+        frames = family.generate(pipe, embeds[i], embeds[-1], settings, image=images[i] if images else None)
         files.append(write_mp4(out / names[i], frames, settings.fps))
         print(f"{files[-1]}  ({prompt})", flush=True)
-    write_prompt_list(out, section.prompts, settings.seed)
+    write_prompt_list(out, section.prompts, settings.seed, section.images)
     return files
 
 

@@ -93,3 +93,27 @@ def packed_5b(videos, tiny_5b, tmp_path_factory) -> Path:
 def packed_15(videos, tiny_15, tmp_path_factory) -> Path:
     """The six videos packed for the 1.5-style model: 17x96x128 at 16 fps, one sample per shard."""
     return _pack(videos, tiny_15, tmp_path_factory.mktemp("packed") / "tiny-1.5", 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_5b_i2v(tmp_path_factory) -> Path:
+    """CogVideoX-5b-I2V-style: 8 input channels (video and image latents), learned positions: 9x96x128 only."""
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny-5b-i2v", "5b-i2v")
+
+
+@pytest.fixture(scope="session")
+def tiny_15_i2v(tmp_path_factory) -> Path:
+    """CogVideoX1.5-5B-I2V-style: the 1.5 flavour with 8 input channels and an ofs embedding."""
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny-1.5-i2v", "1.5-i2v")
+
+
+@pytest.fixture(scope="session")
+def packed_5b_i2v(videos, tiny_5b_i2v, tmp_path_factory) -> Path:
+    """The six videos packed for the 5B-I2V-style model (each sample with its first frame), two per shard."""
+    return _pack(videos, tiny_5b_i2v, tmp_path_factory.mktemp("packed") / "tiny-5b-i2v", 2)
+
+
+@pytest.fixture(scope="session")
+def packed_15_i2v(videos, tiny_15_i2v, tmp_path_factory) -> Path:
+    """The six videos packed for the 1.5-I2V-style model: 17x96x128 at 16 fps with first frames, two per shard."""
+    return _pack(videos, tiny_15_i2v, tmp_path_factory.mktemp("packed") / "tiny-1.5-i2v", 2)

@@ -14,12 +14,12 @@ from helpers import REPO
 # Each module may import only modules of lower levels (imports inside functions and under TYPE_CHECKING count).
 LAYERS = [
     # 0: no trainer imports
-    ["trainer", "errors", "rng", "files", "dtypes", "media", "reporting", "reporting.tables"],
+    ["trainer", "errors", "rng", "files", "dtypes", "reporting", "reporting.tables"],
     # 1: the contracts: the process environment, the spec, the shard format, the rank layout, the objective
-    ["process_env", "spec", "shard_format", "parallel", "diffusion", "reporting.writers", "watchdog"],
+    ["process_env", "spec", "shard_format", "parallel", "diffusion", "watchdog", "media"],
     # 2: what the contracts are made into
-    ["shard_index", "state", "families.base", "engine"],
-    ["families.cogvideox_pipeline", "data", "checkpoint", "faults", "reporting.interval"],
+    ["shard_index", "state", "families.base", "engine", "reporting.writers"],
+    ["families.cogvideox_pipeline", "families.cogvideox_i2v", "data", "checkpoint", "faults", "reporting.interval"],
     ["families.cogvideox", "resume", "sampling"],
     ["families", "costs", "reporting.run_dir"],  # families: the registry, above every family
     ["export", "reporting.startup_table"],

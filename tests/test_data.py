@@ -188,7 +188,7 @@ def test_rows_read_in_place_equal_what_safetensors_decodes_in_any_stored_dtype(t
     for key, latents, prompt in zip(batch.keys, batch.latents, batch.prompt_embeds, strict=True):
         assert torch.equal(latents, decoded[key].latents.float())
         assert torch.equal(prompt, decoded[key].prompt_embeds.float())
-    alone = read_sample(index, index.samples[1], (226, 32))
+    alone = read_sample(index, index.samples[1], shapes)
     assert alone[0].dtype == torch.float32 and alone[1].dtype == torch.float16
     assert torch.equal(alone[0], decoded["s0001"].latents) and torch.equal(alone[1], decoded["s0001"].prompt_embeds)
 

@@ -92,12 +92,21 @@ def test_model_dir_problems_name_model_path(tmp_path, tiny_5b):
     assert resolve_model_dir(str(tiny_5b)) == tiny_5b
 
 
-def test_image_to_video_transformer_is_refused(tmp_path, tiny_5b):
+def test_an_image_to_video_transformer_wants_first_frames_and_twice_the_channels(tmp_path, tiny_5b):
+    """in_channels = 2 x out_channels is image-to-video: samples of out_channels latents that carry their first
+    frame (8 pixels per latent side). Any other mismatch of in and out is refused, naming the config."""
     i2v = tmp_path / "i2v"
     shutil.copytree(tiny_5b, i2v)
     config_path = i2v / "transformer" / "config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "in_channels": 8}))
-    with pytest.raises(UserError, match="image-to-video"):
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "in_channels": 8}))
+    family = family_for(i2v)
+    shapes = family.sample_shapes()
+    assert family.image_to_video and "image-to-video" in family.describe()
+    assert shapes.latent_channels == 4 and shapes.image_shape((4, 3, 12, 16)) == (3, 96, 128)
+    assert family_for(tiny_5b).sample_shapes().image_shape((4, 3, 12, 16)) is None
+    config_path.write_text(json.dumps({**config, "in_channels": 6}))
+    with pytest.raises(UserError, match=r"in_channels 6 and out_channels 4: an image-to-video CogVideoX has twice"):
         family_for(i2v).sample_shapes()
 
 

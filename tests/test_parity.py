@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import CogVideoXPipeline
+from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
+from PIL import Image
 
 from trainer.families import family_for
+from trainer.families.cogvideox_i2v import to_pixels
 from trainer.loop import sample_losses
 from trainer.shard_format import shard_samples
 
@@ -88,3 +90,55 @@ def test_the_trainer_feeds_the_transformer_what_the_pipeline_does(flavour, reque
     expected = pipe.scheduler.add_noise(x0, noise, middle).transpose(1, 2)
     torch.testing.assert_close(calls[0]["hidden_states"], expected, rtol=1e-6, atol=1e-6)
     assert (calls[0]["hidden_states"] - ours["hidden_states"]).abs().mean() > 0.1  # x0 shows at t = 499
+
+
+@pytest.mark.parametrize("flavour", ["5b-i2v", "1.5-i2v"])
+@torch.no_grad()
+def test_image_to_video_inputs_are_the_i2v_pipelines(flavour, request):
+    """The same for CogVideoXImageToVideoPipeline, given the packed sample's first frame as a picture: the channel
+    concatenation, the image latents' scale (5B-I2V multiplies by the VAE's scaling factor, 1.5-I2V divides),
+    their place in the (1.5: padded) frames, RoPE, ofs (1.5-I2V) and the timestep, with the conditioning encoded
+    as the pipeline encodes it (no training noise; the posterior drawn from the same generator)."""
+    model_dir = request.getfixturevalue({"5b-i2v": "tiny_5b_i2v", "1.5-i2v": "tiny_15_i2v"}[flavour])
+    shards = request.getfixturevalue({"5b-i2v": "packed_5b_i2v", "1.5-i2v": "packed_15_i2v"}[flavour])
+    sample = next(shard_samples(str(sorted(shards.glob("*.tar"))[0])))
+    assert sample.image is not None and sample.image.dtype == torch.uint8
+    assert list(sample.image.shape) == [3, sample.meta["height"], sample.meta["width"]]
+    family = family_for(model_dir)
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(model_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    model = family.wrap(pipe.transformer)
+    conditioner = family.image_conditioner(torch.device("cpu"), dropout=0.0)
+    assert conditioner is not None
+    image_latents = conditioner.clean(sample.image[None], torch.Generator().manual_seed(3), torch.float32)
+    calls, handle = recorded(pipe.transformer)
+    x0, _ = sample_losses(model, model, family.objective(), sample.latents[None], sample.prompt_embeds[None],
+                          torch.tensor([999]), torch.Generator().manual_seed(0), torch.float32, image_latents)
+    ours = calls.pop()
+    channels = x0.shape[1]
+    picture = Image.fromarray(sample.image.permute(1, 2, 0).numpy())
+    pipe(image=picture, prompt=sample.meta["caption"], num_frames=sample.meta["num_frames"],
+         height=sample.meta["height"], width=sample.meta["width"], num_inference_steps=1, guidance_scale=1.0,
+         latents=ours["hidden_states"][:, :, :channels], generator=torch.Generator().manual_seed(3),
+         output_type="latent", max_sequence_length=pipe.transformer.config.max_text_seq_length)
+    handle.remove()
+    (theirs,) = calls
+    assert {k for k, v in theirs.items() if v is not None} == {k for k, v in ours.items() if v is not None}
+    assert ours["hidden_states"].shape[2] == 2 * channels == pipe.transformer.config.in_channels
+    assert torch.equal(theirs["hidden_states"], ours["hidden_states"])  # video and image latents, every frame
+    conditioning = ours["hidden_states"][:, :, channels:]  # [B, F, C, H, W]: the image's latent frame, then zeros
+    assert conditioning.shape[1] == x0.shape[2] == (6 if flavour == "1.5-i2v" else 3)
+    assert conditioning[:, 0].abs().mean() > 0.1 and not conditioning[:, 1:].any()
+    scale = pipe.vae.config.scaling_factor
+    posterior = pipe.vae.encode(to_pixels(sample.image[None], torch.device("cpu"))[:, :, None]).latent_dist.sample(
+        torch.Generator().manual_seed(3))
+    expected = posterior / scale if flavour == "1.5-i2v" else posterior * scale  # invert_scale_latents on 1.5
+    torch.testing.assert_close(conditioning[:, :1].transpose(1, 2), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(theirs["timestep"], ours["timestep"])
+    for ours_part, their_part in zip(ours["image_rotary_emb"], theirs["image_rotary_emb"], strict=True):
+        assert torch.equal(ours_part, their_part)
+    if flavour == "1.5-i2v":
+        assert torch.equal(ours["ofs"], theirs["ofs"]) and ours["ofs"].tolist() == [2.0]
+    else:
+        assert "ofs" not in ours and theirs["ofs"] is None
+    assert torch.equal(theirs["encoder_hidden_states"].to(torch.bfloat16).float(), ours["encoder_hidden_states"])

@@ -38,8 +38,8 @@ from braceexpand import braceexpand
 from trainer.dtypes import SAFETENSORS_FLOATS
 from trainer.errors import UserError
 from trainer.rng import Stream, derive_seed
-from trainer.shard_format import LATENTS, PROMPT_EMBEDS, SampleShapes, ShardError, shard_samples
-from trainer.shard_index import Extent, SampleRef, ShardIndex, tensor_header
+from trainer.shard_format import IMAGE, LATENTS, PROMPT_EMBEDS, SampleShapes, ShardError, shard_samples
+from trainer.shard_index import IMAGE_DTYPES, Extent, SampleRef, ShardIndex, tensor_header
 
 
 class Batch(NamedTuple):
@@ -50,6 +50,7 @@ class Batch(NamedTuple):
     valid: torch.Tensor  # [B] bool: False where the sample could not be read (zeros stand in; its loss is 0)
     faults: list[ShardError]  # why, for each invalid sample
     position: tuple[int, int]  # (epoch, micro-batch within the epoch) of this micro-batch
+    images: torch.Tensor | None = None  # [B, 3, H, W] uint8: image-to-video's conditioning images (first frames)
 
 
 def resolve_shards(shards: str | list[str], field: str = "data.shards") -> list[str]:
@@ -87,6 +88,8 @@ def check_first_sample(shards: list[str], shapes: SampleShapes) -> None:
             continue
         if sample is not None:
             shapes.check(shard, sample.key, tuple(sample.latents.shape), tuple(sample.prompt_embeds.shape))
+            shapes.check_image(shard, sample.key, tuple(sample.latents.shape),
+                               None if sample.image is None else tuple(sample.image.shape))
             return
 
 
@@ -140,7 +143,7 @@ class MicroBatches:
         self.rank, self.world_size = rank, world_size
         self.group = world_size if group is None else group  # micro-batches per optimizer step, all ranks
         self.position = position if position is not None else DataPosition(0, 0, self.group)
-        self.prompt_shape = shapes.prompt_shape
+        self.prompt_shape, self.image_shape = shapes.prompt_shape, shapes.image_shape
         self.pin_memory = pin_memory  # batches are read straight into page-locked memory for async copies
         self.shape_counts = shape_counts(index)
         self.per_epoch = self.epoch_length(self.group)
@@ -206,18 +209,23 @@ class MicroBatches:
         # one tensor per batch, each sample read into its row: no decode, stack or hand-over copies
         latents = self._empty(refs, 0, refs[0].shape)
         prompts = self._empty(refs, 1, self.prompt_shape)
+        image_shape = self.image_shape(refs[0].shape)
+        images = None if image_shape is None else torch.empty((len(refs), *image_shape), dtype=torch.uint8,
+                                                              pin_memory=self.pin_memory)
         valid, faults = [], []
-        for ref, lat, prompt in zip(refs, latents, prompts, strict=True):
+        for row, (ref, lat, prompt) in enumerate(zip(refs, latents, prompts, strict=True)):
+            image = None if images is None else images[row]
             try:
-                read_sample_into(self.index, ref, lat, prompt)
+                read_sample_into(self.index, ref, lat, prompt, image)
                 valid.append(True)
             except ShardError as exc:
                 faults.append(exc)
-                lat.zero_()
-                prompt.zero_()
+                for tensor in (lat, prompt, image):
+                    if tensor is not None:
+                        tensor.zero_()
                 valid.append(False)
         names = [Path(self.index.shards[r.shard]).name for r in refs]
-        return Batch([r.key for r in refs], names, latents, prompts, torch.tensor(valid), faults, (epoch, j))
+        return Batch([r.key for r in refs], names, latents, prompts, torch.tensor(valid), faults, (epoch, j), images)
 
     def _empty(self, refs: list[SampleRef], member: int, shape: tuple[int, ...]) -> torch.Tensor:
         dtype = functools.reduce(torch.promote_types, (SAFETENSORS_FLOATS[r.dtypes[member]] for r in refs))
@@ -231,19 +239,23 @@ def flat_position(index: ShardIndex, micro_batch_size: int, consumed: int) -> Da
     return DataPosition(epoch, within, 1)
 
 
-def read_sample(index: ShardIndex, ref: SampleRef, prompt_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latents, prompt embeddings) of one indexed sample, in their stored dtypes; a ShardError names shard and
-    key."""
+def read_sample(index: ShardIndex, ref: SampleRef, shapes: SampleShapes,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(latents, prompt embeddings, conditioning image or None) of one indexed sample, in their stored dtypes;
+    a ShardError names shard and key."""
     latents = torch.empty(ref.shape, dtype=SAFETENSORS_FLOATS[ref.dtypes[0]])
-    prompt = torch.empty(prompt_shape, dtype=SAFETENSORS_FLOATS[ref.dtypes[1]])
-    read_sample_into(index, ref, latents, prompt)
-    return latents, prompt
+    prompt = torch.empty(shapes.prompt_shape, dtype=SAFETENSORS_FLOATS[ref.dtypes[1]])
+    image_shape = shapes.image_shape(ref.shape)
+    image = None if image_shape is None else torch.empty(image_shape, dtype=torch.uint8)
+    read_sample_into(index, ref, latents, prompt, image)
+    return latents, prompt, image
 
 
-def read_sample_into(index: ShardIndex, ref: SampleRef, latents: torch.Tensor, prompt: torch.Tensor) -> None:
-    """Read one indexed sample by offset straight into ``latents`` and ``prompt`` (contiguous, e.g. rows of a
-    batch), checking what the index found still holds and that every value is finite; a ShardError names
-    shard, key and problem."""
+def read_sample_into(index: ShardIndex, ref: SampleRef, latents: torch.Tensor, prompt: torch.Tensor,
+                     image: torch.Tensor | None = None) -> None:
+    """Read one indexed sample by offset straight into ``latents``, ``prompt`` and (image-to-video) ``image``
+    (contiguous, e.g. rows of a batch), checking what the index found still holds and that every value is
+    finite; a ShardError names shard, key and problem."""
     shard = index.shards[ref.shard]
     try:
         fd = os.open(shard, os.O_RDONLY)
@@ -252,6 +264,10 @@ def read_sample_into(index: ShardIndex, ref: SampleRef, latents: torch.Tensor, p
     try:
         _read_tensor(fd, ref.latents, LATENTS, "latents", latents, shard, ref.key)
         _read_tensor(fd, ref.prompt_embeds, PROMPT_EMBEDS, "prompt_embeds", prompt, shard, ref.key)
+        if image is not None:
+            if ref.image is None:
+                raise ShardError(shard, ref.key, f"has no conditioning image ({IMAGE})")
+            _read_tensor(fd, ref.image, IMAGE, "image", image, shard, ref.key, IMAGE_DTYPES)
     finally:
         os.close(fd)
     for name, tensor in (("latents", latents), ("prompt_embeds", prompt)):
@@ -262,11 +278,12 @@ def read_sample_into(index: ShardIndex, ref: SampleRef, latents: torch.Tensor, p
             raise ShardError(shard, ref.key, f"{name} hold NaN or inf values")
 
 
-def _read_tensor(fd: int, extent: Extent, member: str, name: str, out: torch.Tensor, shard: str, key: str) -> None:
-    header = tensor_header(fd, extent, shard, key, member, name)
+def _read_tensor(fd: int, extent: Extent, member: str, name: str, out: torch.Tensor, shard: str, key: str,
+                 dtypes: dict[str, torch.dtype] = SAFETENSORS_FLOATS) -> None:
+    header = tensor_header(fd, extent, shard, key, member, name, dtypes)
     if header.shape != tuple(out.shape):
         raise ShardError(shard, key, f"{name} changed shape since start-up: {list(header.shape)}")
-    stored = SAFETENSORS_FLOATS[header.dtype]
+    stored = dtypes[header.dtype]
     target = out if stored == out.dtype else torch.empty(header.shape, dtype=stored)  # a batch of mixed dtypes
     buffer = target.view(-1).view(torch.uint8).numpy().data  # a memoryview of the tensor's bytes
     done = 0

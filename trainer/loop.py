@@ -270,19 +270,26 @@ class StepOutput:
 
 
 def train_step(run: Run, stream: Iterator[Batch], optimizer_step: int) -> StepOutput:
-    """One optimizer step. Noise and timesteps are seeded by (seed, data-parallel rank, step): a resumed step
-    draws the same. The diffusion maths is the objective's; what is counted here, the loop's."""
+    """One optimizer step. Noise and timesteps (and image-to-video's image augmentation) are seeded by (seed,
+    data-parallel rank, step): a resumed step draws the same. The diffusion maths is the objective's, the
+    conditioning the family's; what is counted here, the loop's."""
     engine, device = run.engine, run.engine.device
     accumulation = run.spec.train.gradient_accumulation_steps
     run.noise.manual_seed(derive_seed(run.spec.run.seed, Stream.NOISE, run.layout.data_rank, optimizer_step))
+    run.image_noise.manual_seed(derive_seed(run.spec.run.seed, Stream.IMAGE_NOISE, run.layout.data_rank,
+                                            optimizer_step))
     out = StepOutput(torch.zeros((), device=device), torch.zeros(2, T_BUCKETS, dtype=torch.float64, device=device))
     for micro_step in range(accumulation):
         waiting = time.perf_counter()
         batch = next(stream)
         out.data_wait_s += time.perf_counter() - waiting
         t = run.timesteps(optimizer_step, micro_step)
+        image_latents = None
+        if run.conditioner is not None and batch.images is not None:
+            image_latents = run.conditioner.augmented(batch.images, run.image_noise, run.dtype)
         x0, per_sample = sample_losses(engine, run.model, run.objective, batch.latents.to(device, non_blocking=True),
-                                       batch.prompt_embeds.to(device, non_blocking=True), t, run.noise, run.dtype)
+                                       batch.prompt_embeds.to(device, non_blocking=True), t, run.noise, run.dtype,
+                                       image_latents)
         valid = batch.valid.to(device, non_blocking=True)
         loss = valid_mean(per_sample, valid)
         engine.backward(loss)
@@ -298,13 +305,15 @@ def train_step(run: Run, stream: Iterator[Batch], optimizer_step: int) -> StepOu
 
 
 def sample_losses(call: Callable[..., torch.Tensor], model: VideoModel, objective: Objective, latents: torch.Tensor,
-                  prompt_embeds: torch.Tensor, t: torch.Tensor, noise: torch.Generator,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                  prompt_embeds: torch.Tensor, t: torch.Tensor, noise: torch.Generator, dtype: torch.dtype,
+                  image_latents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0, per-sample losses [B]) of one micro-batch of stored latents and prompt embeddings: the family's clean
-    latents (1.5 pads its frames), the prompt in the compute dtype, the objective's noise. ``call`` runs the
-    model (the engine; tests/test_parity.py calls the bare model to compare its inputs with the pipeline's)."""
+    latents (1.5 pads its frames), the prompt in the compute dtype, the objective's noise, and for image-to-
+    video the image latents beside them. ``call`` runs the model (the engine; tests/test_parity.py calls the
+    bare model to compare its inputs with the pipeline's)."""
     x0 = model.prepare_latents(latents.float())
-    return x0, objective.training_loss(call, x0, prompt_embeds.to(dtype), t, noise, dtype)  # cast on the device
+    model_call = call if image_latents is None else (lambda x, c, t: call(x, c, t, image_latents))
+    return x0, objective.training_loss(model_call, x0, prompt_embeds.to(dtype), t, noise, dtype)  # cast on device
 
 
 def valid_mean(per_sample: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

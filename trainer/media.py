@@ -1,4 +1,5 @@
-"""Videos in and out: H.264 mp4 files (PyAV) and the animated GIF that TensorBoard shows for a video."""
+"""Videos in and out: H.264 mp4 files (PyAV), the animated GIF that TensorBoard shows for a video, and the
+conditioning images of image-to-video sampling (Pillow)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import av
 import numpy as np
+
+from trainer.errors import UserError
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int) -> Path:
@@ -48,3 +51,14 @@ def gif_bytes(frames: np.ndarray, fps: int, max_side: int = 256) -> tuple[bytes,
     out = io.BytesIO()
     images[0].save(out, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     return out.getvalue(), images[0].size
+
+
+def read_image(path: Path, field: str):  # -> PIL.Image.Image (imported lazily)
+    """An image file as RGB pixels, or a UserError naming ``field`` and the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # missing, unreadable, not an image
+        raise UserError(f"{field}: cannot read the image {path} ({type(exc).__name__}: {exc})") from None

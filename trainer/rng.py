@@ -22,6 +22,7 @@ class Stream(IntEnum):
     VAE_NOISE = 5
     GLOBAL_RNG = 6
     VALIDATION_NOISE = 7
+    IMAGE_NOISE = 8  # image-to-video: the conditioning image's augmentation, posterior draw and dropout
 
 
 def derive_seed(*parts: int) -> int:

@@ -33,7 +33,10 @@ def video_names(prompts: list[str]) -> list[str]:
             for i, p in enumerate(prompts)]
 
 
-def write_prompt_list(out: Path, prompts: list[str], seed: int) -> None:
-    """prompts.json beside the videos: which file shows which prompt, and the seed."""
-    listing = {"seed": seed, "videos": dict(zip(video_names(prompts), prompts, strict=True))}
+def write_prompt_list(out: Path, prompts: list[str], seed: int, images: list[str] | None = None) -> None:
+    """prompts.json beside the videos: which file shows which prompt (and, image-to-video, which image), and the
+    seed."""
+    listing: dict = {"seed": seed, "videos": dict(zip(video_names(prompts), prompts, strict=True))}
+    if images:
+        listing["images"] = dict(zip(video_names(prompts), images, strict=True))
     (out / "prompts.json").write_text(json.dumps(listing, indent=1) + "\n")

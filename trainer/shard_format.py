@@ -3,6 +3,8 @@
     <key>.latents.safetensors        {"latents": [C, F, H, W]}   VAE latents, already scaled by the VAE's scaling_factor
     <key>.prompt_embeds.safetensors  {"prompt_embeds": [L, D]}   T5 last hidden state, padded to L (226 for CogVideoX)
     <key>.json                       {"caption", "source", "fps", "num_frames", "height", "width"}
+    <key>.image.safetensors          {"image": [3, H, W] uint8}  image-to-video only: the clip's first frame, the
+                                                                 picture the pipeline would be given
 
 Writers (data_tools/) call ``encode_sample``; tools read whole shards with ``shard_samples``. The trainer reads
 samples by offset (trainer/shard_index.py, trainer/data.py). ``SampleShapes`` is what a model demands of every
@@ -27,7 +29,8 @@ from trainer.errors import UserError
 LATENTS = "latents.safetensors"
 PROMPT_EMBEDS = "prompt_embeds.safetensors"
 META = "json"
-MEMBERS = (LATENTS, PROMPT_EMBEDS, META)
+IMAGE = "image.safetensors"
+MEMBERS = (LATENTS, PROMPT_EMBEDS, META)  # every sample's; IMAGE too where the model is image-to-video
 META_FIELDS = ("caption", "source", "fps", "num_frames", "height", "width")
 
 
@@ -53,6 +56,29 @@ class SampleShapes:
     source: str  # the config file the numbers come from, and the names it gives them, for messages
     channels_key: str
     text_keys: str
+    image_pixels: int | None = None  # image-to-video: a conditioning image of this many pixels per latent side
+
+    def image_shape(self, latents: tuple[int, ...]) -> tuple[int, int, int] | None:
+        """The conditioning image [3, H, W] a sample of these latents must carry (None: text-to-video)."""
+        if self.image_pixels is None:
+            return None
+        return 3, latents[2] * self.image_pixels, latents[3] * self.image_pixels
+
+    def check_image(self, shard: str, key: str, latents: tuple[int, ...], image: tuple[int, ...] | None) -> None:
+        """Raise a ShardError if a sample's conditioning image (None: it has none) does not fit this model."""
+        want = self.image_shape(latents)
+        if want is None and image is not None:
+            raise ShardError(shard, key, f"carries a conditioning image ({IMAGE}): it was packed for an image-to-"
+                                         f"video model, but the model ({self.source}) is text-to-video. Pack the "
+                                         f"videos for this model with data_tools/shard.py")
+        if want is not None and image is None:
+            raise ShardError(shard, key, f"has no conditioning image ({IMAGE}): it was packed for a text-to-video "
+                                         f"model, but the model ({self.source}) is image-to-video. Pack the videos "
+                                         f"for this model with data_tools/shard.py, which stores each clip's "
+                                         f"first frame")
+        if want is not None and tuple(image or ()) != want:
+            raise ShardError(shard, key, f"the conditioning image has shape {list(image or ())}, but latents "
+                                         f"{list(latents)} need {list(want)} (the clip's first frame)")
 
     @property
     def prompt_shape(self) -> tuple[int, int]:
@@ -81,24 +107,40 @@ class Sample:
     latents: torch.Tensor  # [C, F, H, W]
     prompt_embeds: torch.Tensor  # [L, D]
     meta: dict = field(default_factory=dict)
+    image: torch.Tensor | None = None  # [3, H, W] uint8, image-to-video shards only
 
 
-def encode_sample(key: str, latents: torch.Tensor, prompt_embeds: torch.Tensor, meta: dict) -> dict[str, object]:
+def encode_sample(key: str, latents: torch.Tensor, prompt_embeds: torch.Tensor, meta: dict,
+                  image: torch.Tensor | None = None) -> dict[str, object]:
     """A dict for webdataset's TarWriter (encoder=False): every value is already bytes."""
     if latents.dim() != 4 or prompt_embeds.dim() != 2:
         raise ValueError(f"{key}: latents must be [C, F, H, W] and prompt_embeds [L, D]")
+    if image is not None and (image.dim() != 3 or image.dtype != torch.uint8):
+        raise ValueError(f"{key}: the conditioning image must be [3, H, W] uint8")
     missing = [name for name in META_FIELDS if name not in meta]
     if missing:
         raise ValueError(f"{key}: metadata lacks {missing}")
-    return {
+    members: dict[str, object] = {
         "__key__": key,
         LATENTS: st_save({"latents": latents.contiguous().cpu()}),
         PROMPT_EMBEDS: st_save({"prompt_embeds": prompt_embeds.contiguous().cpu()}),
         META: json.dumps(meta).encode(),
     }
+    if image is not None:
+        members[IMAGE] = st_save({"image": image.contiguous().cpu()})
+    return members
 
 
-def load_tensor(blob: bytes, member: str, name: str, ndim: int, shard: str, key: str) -> torch.Tensor:
+def load_image(blob: bytes, shard: str, key: str) -> torch.Tensor:
+    """The conditioning image of an image member: [3, H, W] uint8, else a ShardError naming shard and key."""
+    image = load_tensor(blob, IMAGE, "image", 3, shard, key, floating=False)
+    if image.dtype != torch.uint8 or image.shape[0] != 3:
+        raise ShardError(shard, key, f"image is {image.dtype} {list(image.shape)}, expected [3, H, W] uint8")
+    return image
+
+
+def load_tensor(blob: bytes, member: str, name: str, ndim: int, shard: str, key: str,
+                floating: bool = True) -> torch.Tensor:
     """The named tensor of one safetensors member; a ShardError naming shard, key and problem otherwise."""
     try:
         tensors = st_load(blob)
@@ -109,7 +151,7 @@ def load_tensor(blob: bytes, member: str, name: str, ndim: int, shard: str, key:
     tensor = tensors[name]
     if tensor.dim() != ndim:
         raise ShardError(shard, key, f"{name} has shape {list(tensor.shape)}, expected {ndim} dimensions")
-    if not tensor.is_floating_point():
+    if floating and not tensor.is_floating_point():
         raise ShardError(shard, key, f"{name} has dtype {tensor.dtype}, expected a floating-point tensor")
     return tensor
 
@@ -138,6 +180,7 @@ def decode_sample(raw: dict) -> Sample:
         latents=load_tensor(raw[LATENTS], LATENTS, "latents", 4, shard, key),
         prompt_embeds=load_tensor(raw[PROMPT_EMBEDS], PROMPT_EMBEDS, "prompt_embeds", 2, shard, key),
         meta=meta,
+        image=load_image(raw[IMAGE], shard, key) if IMAGE in raw else None,
     )
 
 

@@ -19,8 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
+
 from trainer.dtypes import SAFETENSORS_FLOATS
-from trainer.shard_format import LATENTS, MEMBERS, META, PROMPT_EMBEDS, SampleShapes, ShardError, load_meta
+from trainer.shard_format import IMAGE, LATENTS, MEMBERS, META, PROMPT_EMBEDS, SampleShapes, ShardError, load_meta
 
 MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 MAX_META = 1_000_000  # a sample's json member is a few hundred bytes; one larger than this is not ours
@@ -39,6 +41,7 @@ class SampleRef(NamedTuple):
     prompt_embeds: Extent
     shape: tuple[int, ...]  # latent shape [C, F, H, W]: samples of one shape share micro-batches
     dtypes: tuple[str, str]  # safetensors dtypes of latents and prompt_embeds
+    image: Extent | None = None  # the conditioning image (image-to-video shards)
 
 
 class TensorHeader(NamedTuple):
@@ -48,9 +51,13 @@ class TensorHeader(NamedTuple):
     size: int
 
 
-def tensor_header(fd: int, extent: Extent, shard: str, key: str, member: str, name: str) -> TensorHeader:
-    """Where the one tensor of a safetensors member lies and what it is, from its JSON header (read with
-    pread: the file position, which tarfile may be using, does not move)."""
+IMAGE_DTYPES = {"U8": torch.uint8}  # a conditioning image is a picture
+
+
+def tensor_header(fd: int, extent: Extent, shard: str, key: str, member: str, name: str,
+                  dtypes: dict[str, torch.dtype] = SAFETENSORS_FLOATS) -> TensorHeader:
+    """Where the one tensor of a safetensors member lies and what it is (one of ``dtypes``), from its JSON header
+    (read with pread: the file position, which tarfile may be using, does not move)."""
     head = _pread(fd, min(extent.size, 512), extent.offset, shard, key)  # the length and, usually, the JSON
     if len(head) < 8:
         raise ShardError(shard, key, f"{member} is truncated")
@@ -74,9 +81,9 @@ def tensor_header(fd: int, extent: Extent, shard: str, key: str, member: str, na
         raise ShardError(shard, key, f"{member} is not a valid safetensors blob (data offsets {start}, {end})")
     if 8 + length + end > extent.size or len(head) < 8 + length:
         raise ShardError(shard, key, f"{member} is truncated")
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_FLOATS:
-        raise ShardError(shard, key, f"{name} has dtype {dtype}, expected one of {sorted(SAFETENSORS_FLOATS)}")
-    if end - start != math.prod(shape) * SAFETENSORS_FLOATS[dtype].itemsize:
+    if not isinstance(dtype, str) or dtype not in dtypes:
+        raise ShardError(shard, key, f"{name} has dtype {dtype}, expected one of {sorted(dtypes)}")
+    if end - start != math.prod(shape) * dtypes[dtype].itemsize:
         raise ShardError(shard, key, f"{member} is not a valid safetensors blob ({end - start} bytes of data "
                                      f"for {name} of shape {list(shape)} in {dtype})")
     return TensorHeader(shape, dtype, extent.offset + 8 + length + start, end - start)
@@ -146,6 +153,9 @@ def index_shard(path: str, shard_id: int, shapes: SampleShapes) -> tuple[list[Sa
                 prompt = tensor_header(file.fileno(), members[PROMPT_EMBEDS], path, key, PROMPT_EMBEDS,
                                        "prompt_embeds")
                 shapes.check(path, key, latents.shape, prompt.shape)
+                image = tensor_header(file.fileno(), members[IMAGE], path, key, IMAGE, "image",
+                                      IMAGE_DTYPES) if IMAGE in members else None
+                shapes.check_image(path, key, latents.shape, image and image.shape)
                 # the metadata is small and never read in training: check it here, or a corrupt member would
                 # train unnoticed (and uncounted) whatever data.on_error says
                 meta = members[META]
@@ -157,7 +167,7 @@ def index_shard(path: str, shard_id: int, shapes: SampleShapes) -> tuple[list[Sa
                 faults.append(exc)
                 continue
             refs.append(SampleRef(shard_id, key, members[LATENTS], members[PROMPT_EMBEDS], latents.shape,
-                                  (latents.dtype, prompt.dtype)))
+                                  (latents.dtype, prompt.dtype), members.get(IMAGE) if image else None))
     if not refs and not faults:
         faults.append(ShardError(path, None, "holds no samples"))
     return refs, faults

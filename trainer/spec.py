@@ -67,6 +67,9 @@ class DataSection(_Section):
     # A bad sample (truncated or corrupt shard, missing member, wrong shape or dtype, non-finite values):
     # skip it with a warning naming shard and key, or stop the run naming them.
     on_error: Literal["skip", "fail"] = "skip"
+    # Image-to-video: the probability that a sample trains with its (noised) image latents zeroed, drawn per
+    # sample and step (0: never). CogVideo's recipe has none; it teaches the model to run without an image.
+    image_dropout: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class OptimSection(_Section):
@@ -139,6 +142,9 @@ class ValidationLossSection(_Section):
 class ValidationSection(_Section):
     # Videos sampled with CogVideoXPipeline, the training transformer and its current LoRA; none: no videos.
     prompts: list[str] = Field(default_factory=list)
+    # Image-to-video models (CogVideoXImageToVideoPipeline): one image file per prompt, the first frame of its
+    # video; the pipeline resizes it to the video's size.
+    images: list[str] = Field(default_factory=list)
     negative_prompt: str = ""
     every_steps: int = Field(0, ge=0)  # also at the end of the run; 0: only at the end
     # Frames, size and fps of the videos; null: the model's native clip (CogVideoX 1.0: 49x480x720 at 8 fps,

@@ -23,7 +23,7 @@ from trainer.dtypes import PRECISIONS
 from trainer.engine import assemble_config, build_engine, init_distributed
 from trainer.errors import UserError
 from trainer.families import load_family
-from trainer.families.base import ModelFamily, VideoModel
+from trainer.families.base import ImageConditioning, ModelFamily, VideoModel
 from trainer.parallel import ParallelLayout
 from trainer.process_env import env_world_size, share_cpu_threads
 from trainer.resume import ResumePoint
@@ -53,6 +53,8 @@ class Plan:
 
 def preflight(spec: RunSpec) -> Plan:
     family = load_family(spec.model.path, sampling=bool(spec.validation.prompts))
+    if family.image_to_video and not spec.validation.prompts:  # a hub id: its VAE encodes the images each step
+        family = load_family(spec.model.path, vae=True)
     shapes = family.sample_shapes()
     family.check_lora_targets(list(spec.lora.target_modules))
     objective = family.objective()
@@ -82,6 +84,8 @@ class Run:
     costs: CostModel  # FLOPs per sample, for the logged TFLOP/s and MFU
     peak_tflops: float | None  # the device's bf16 peak (logging.peak_tflops, else by GPU name): MFU's divisor
     watchdog: Watchdog  # ends the process when start-up, or later a step, stops making progress
+    conditioner: ImageConditioning | None  # image-to-video: the conditioning images' encoder (None: text-to-video)
+    image_noise: torch.Generator  # its augmentation and dropout, seeded per optimizer step
     validation: Validation | None = None  # validation videos and loss, if the spec asks for them
 
     def heartbeat(self, what: str) -> None:
@@ -121,6 +125,8 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
     engine = build_engine(spec, model, plan.ds_config)
     engine.train()  # diffusers' from_pretrained leaves the module in eval mode (LoRA dropout off)
     noise = torch.Generator(device=engine.device)
+    watchdog.progress("loading the conditioning images' encoder")
+    conditioner = plan.family.image_conditioner(engine.device, spec.data.image_dropout)
     timesteps = TimestepSampler(
         spec.train.timestep_sampling, seed=spec.run.seed, rank=layout.data_rank, world_size=layout.data_size,
         micro_batch=spec.data.micro_batch_size, accumulation=spec.train.gradient_accumulation_steps,
@@ -130,5 +136,5 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
     watchdog.progress("restoring the resume point")
     state = resume.restore(plan.resume, engine, layout, spec, index.fingerprint())  # last: it sets the generators
     run = Run(spec, layout, plan.family, engine, model, plan.objective.to(engine.device), timesteps, noise, dtype,
-              costs, peak, watchdog, validation)
+              costs, peak, watchdog, conditioner, torch.Generator(device=engine.device), validation)
     return run, index, state

@@ -26,8 +26,8 @@ from trainer.data import check_first_sample, check_latent_scale, read_sample, re
 from trainer.diffusion import Objective
 from trainer.errors import UserError
 from trainer.export import export_lora
-from trainer.families.base import ModelFamily, SampleSettings, VideoModel
-from trainer.media import read_mp4, write_mp4
+from trainer.families.base import ImageConditioning, ModelFamily, SampleSettings, VideoModel
+from trainer.media import read_image, read_mp4, write_mp4
 from trainer.parallel import ParallelLayout
 from trainer.reporting.writers import Reporter
 from trainer.rng import Stream, derive_seed
@@ -51,6 +51,7 @@ class Training(Protocol):
     layout: ParallelLayout
     objective: Objective
     dtype: torch.dtype
+    conditioner: ImageConditioning | None
 
 
 def preflight_validation(spec: RunSpec, family: ModelFamily, shapes: SampleShapes) -> list[str]:
@@ -134,7 +135,8 @@ class Validation:
     prompt_embeds: torch.Tensor | None  # [P, L, D] on the CPU, encoded once at start-up
     negative_embeds: torch.Tensor | None  # [L, D]
     loss_index: ShardIndex | None
-    prompt_shape: tuple[int, int]  # what stands in for a held-out sample that cannot be read
+    shapes: SampleShapes  # what a held-out sample holds, and what stands in for one that cannot be read
+    images: list[Any]  # image-to-video: the pictures validation.images name, one per prompt
     pipe: Any = None  # the family's pipeline, built at the first sampling
 
     @classmethod
@@ -155,7 +157,8 @@ class Validation:
                             gather=layout.all_gather) if loss_shards else None
         if index is not None and not index.samples:
             raise UserError(f"validation.loss.shards: no usable sample ({index.faults[0] if index.faults else ''})")
-        return cls(spec, embeds, negative, index, shapes.prompt_shape)
+        images = [read_image(Path(path), "validation.images") for path in section.images]
+        return cls(spec, embeds, negative, index, shapes, images)
 
     def due(self, optimizer_step: int) -> tuple[bool, bool]:  # the same on every rank
         """(sample videos, compute the loss) after this optimizer step: every N steps and at the end."""
@@ -191,17 +194,22 @@ class Validation:
             i = first + rank
             ref = refs[min(i, len(refs) - 1)]
             try:
-                latents, prompt = read_sample(self.loss_index, ref, self.prompt_shape)
+                latents, prompt, image = read_sample(self.loss_index, ref, self.shapes)
                 weight = 1.0 if i < len(refs) else 0.0  # past the end: the same passes, not counted
             except ShardError as exc:
                 faults.append(str(exc))
-                latents, prompt, weight = torch.zeros(ref.shape), torch.zeros(self.prompt_shape), 0.0
+                image_shape = self.shapes.image_shape(ref.shape)
+                latents, prompt, weight = torch.zeros(ref.shape), torch.zeros(self.shapes.prompt_shape), 0.0
+                image = None if image_shape is None else torch.zeros(image_shape, dtype=torch.uint8)
             x0 = run.model.prepare_latents(latents[None].to(device).float())
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(
                 derive_seed(self.spec.validation.seed, Stream.VALIDATION_NOISE, i)), dtype=torch.float32).to(device)
             embeds = prompt[None].to(device, run.dtype)
+            conditioning = () if run.conditioner is None or image is None else (run.conditioner.clean(
+                image[None], torch.Generator().manual_seed(derive_seed(self.spec.validation.seed, Stream.IMAGE_NOISE,
+                                                                       i)), run.dtype),)  # what the pipeline feeds
             for k, t in enumerate(timesteps[:, None]):  # batches of one: the number does not depend on the spec
-                v_pred = engine(run.objective.add_noise(x0, noise, t).to(run.dtype), embeds, t)
+                v_pred = engine(run.objective.add_noise(x0, noise, t).to(run.dtype), embeds, t, *conditioning)
                 sums[k] += weight * run.objective.loss(v_pred, x0, noise, t)[0]
             sums[-1] += weight
             heartbeat(f"the validation loss of optimizer step {optimizer_step}")
@@ -234,21 +242,22 @@ class Validation:
             for first in range(0, math.ceil(len(prompts) / world) * world, world):
                 i = first + rank
                 embeds = self.prompt_embeds[min(i, len(prompts) - 1)]
+                image = self.images[min(i, len(prompts) - 1)] if self.images else None
 
                 def on_step(s: int) -> None:
                     heartbeat(f"validation sampling step {s} of optimizer step {optimizer_step}")
 
                 if i < len(prompts):
-                    frames = run.family.generate(pipe, embeds, self.negative_embeds, settings, on_step)
+                    frames = run.family.generate(pipe, embeds, self.negative_embeds, settings, on_step, image)
                     write_mp4(files[i], frames, settings.fps)
                 else:  # the same transformer passes as the other ranks (ZeRO-3 gathers), nothing kept
-                    run.family.denoise(pipe, embeds, self.negative_embeds, settings, on_step)
+                    run.family.denoise(pipe, embeds, self.negative_embeds, settings, on_step, image)
         pipe.vae.to("cpu")  # the device's memory is the training's again
         if section.save_lora:
             export_lora(run.model, run.family, run.layout, out / "lora", self.spec.to_yaml())  # a collective
         run.layout.barrier()  # every rank's videos are on disk: a sync point
         if run.layout.is_main:
-            write_prompt_list(out, prompts, settings.seed)
+            write_prompt_list(out, prompts, settings.seed, section.images)
         if reporter.tensorboard:  # rank 0 only
             for path in files:
                 reporter.video(f"validation/{path.stem}", read_mp4(path), settings.fps, optimizer_step)

@@ -28,10 +28,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 REQUIRED_FILES = ("transformer/config.json", "scheduler/scheduler_config.json")
 
 
-def resolve_model_dir(path: str, sampling: bool = False, weights: bool = True) -> Path:
+def resolve_model_dir(path: str, sampling: bool = False, weights: bool = True, vae: bool = False) -> Path:
     """A local diffusers model directory, or a hub id fetched into the HF cache: the transformer and scheduler,
-    and with ``sampling`` (validation videos) the VAE, tokenizer and text encoder too; without ``weights`` (the
-    planner) only the configs."""
+    with ``sampling`` (validation videos) the VAE, tokenizer and text encoder too, with ``vae`` (training an
+    image-to-video model) the VAE; without ``weights`` (the planner) only the configs."""
     local = Path(path).expanduser()
     if local.exists():
         missing = [f for f in REQUIRED_FILES if not (local / f).is_file()]
@@ -44,7 +44,8 @@ def resolve_model_dir(path: str, sampling: bool = False, weights: bool = True) -
         from filelock import FileLock
         from huggingface_hub import constants, snapshot_download
 
-        parts = ["vae/*", "tokenizer/*", "text_encoder/*"] if sampling else ["vae/config.json"]  # the latent scale
+        parts = ["vae/*", "tokenizer/*", "text_encoder/*"] if sampling else [
+            "vae/*" if vae else "vae/config.json"]  # the config: the latent scale
         transformer = "transformer/*" if weights else "transformer/config.json"
         patterns = ["model_index.json", transformer, "scheduler/*", *parts]
         # Every rank of a node starts here at once: one downloads while the others wait for the lock, then
@@ -60,7 +61,7 @@ def resolve_model_dir(path: str, sampling: bool = False, weights: bool = True) -
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
         raise UserError(f"model.path: {path!r} is not a local directory and could not be fetched from the hub "
                         f"({exc})") from None
-    return resolve_model_dir(fetched, sampling, weights)
+    return resolve_model_dir(fetched, sampling, weights, vae)
 
 
 def transformer_class(model_dir: Path, config: dict) -> str | None:
@@ -86,6 +87,6 @@ def family_for(model_dir: Path) -> ModelFamily:
     return FAMILIES[name](model_dir, config)
 
 
-def load_family(path: str, sampling: bool = False, weights: bool = True) -> ModelFamily:
+def load_family(path: str, sampling: bool = False, weights: bool = True, vae: bool = False) -> ModelFamily:
     """``resolve_model_dir``, then ``family_for``."""
-    return family_for(resolve_model_dir(path, sampling, weights))
+    return family_for(resolve_model_dir(path, sampling, weights, vae))

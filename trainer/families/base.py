@@ -58,7 +58,8 @@ class VideoModel(nn.Module):
     """The engine's module: a LoRA-adapted transformer called in the shard layout.
 
     ``prepare_latents`` turns stored latents [B, C, F, H, W] into the clean latents x0 the objective noises (a
-    family may pad them); ``forward(noisy, prompt_embeds, timesteps)`` returns v̂ in the layout of x0."""
+    family may pad them); ``forward(noisy, prompt_embeds, timesteps, image_latents=None)`` returns v̂ in the
+    layout of x0 (image-to-video models are given the conditioning's image latents [B, C, 1, H, W])."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
@@ -143,6 +144,14 @@ class SampleSettings:
                    section.use_dynamic_cfg, section.seed, pick(section.fps, native.fps))
 
 
+class ImageConditioning(Protocol):
+    """Conditioning images (uint8 [B, 3, H, W]) -> image latents [B, C, 1, H', W'] in ``dtype``, drawing what is
+    random from ``generator``: ``augmented`` as training sees them, ``clean`` as the pipeline makes them."""
+
+    def augmented(self, images: torch.Tensor, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor: ...
+    def clean(self, images: torch.Tensor, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor: ...
+
+
 class Encoders(Protocol):
     """A model directory's own encoders, as its pipeline uses them (packing and validation prompts)."""
 
@@ -162,6 +171,9 @@ class ModelFamily(Protocol):
     def describe(self) -> str: ...
 
     # what the data must be
+    @property
+    def image_to_video(self) -> bool:
+        """Whether samples carry a conditioning image (the clip's first frame) and the model is fed it."""
     def sample_shapes(self) -> SampleShapes: ...
     def latent_scale(self) -> float | None: ...
     def native_clip(self) -> NativeClip: ...
@@ -171,6 +183,8 @@ class ModelFamily(Protocol):
     def check_encoders(self, label: str, purpose: str) -> None: ...
     def encoders(self, device: torch.device, dtype: torch.dtype, vae_tiling: bool = True) -> Encoders: ...
     def prompt_encoder(self, device: torch.device, dtype: torch.dtype) -> Callable[[str], torch.Tensor]: ...
+    def image_conditioner(self, device: torch.device, dropout: float) -> ImageConditioning | None:
+        """What turns a micro-batch's conditioning images into the model's image latents (None: text-to-video)."""
 
     # the transformer
     def transformer_from_config(self, device: torch.device | str, lora: LoraSection | None = None) -> nn.Module: ...
@@ -187,9 +201,10 @@ class ModelFamily(Protocol):
         what sampling needs and can make that clip; errors name ``field(name)``."""
     def pipeline(self, transformer: nn.Module, dtype: torch.dtype, device: torch.device) -> Any: ...
     def generate(self, pipe: Any, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
-                 settings: SampleSettings, on_step: Callable[[int], None] = ...) -> np.ndarray: ...
+                 settings: SampleSettings, on_step: Callable[[int], None] = ..., image: Any = None) -> np.ndarray:
+        """Frames [F, H, W, 3] uint8; an image-to-video pipeline starts from ``image`` (a picture)."""
     def denoise(self, pipe: Any, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
-                settings: SampleSettings, on_step: Callable[[int], None] = ...) -> None:
+                settings: SampleSettings, on_step: Callable[[int], None] = ..., image: Any = None) -> None:
         """``generate`` without the decode: the same transformer passes, no video (a rank's padding pass)."""
     def write_lora(self, transformer: nn.Module, state: dict[str, torch.Tensor], out_dir: Path) -> None: ...
     def load_lora(self, pipe: Any, path: Path) -> None: ...

@@ -5,9 +5,10 @@
     1.5 (CogVideoX1.5-5B)     patch_size_t 2: latent frames padded in front to a multiple of it by repeating
                               the first (as CogVideo's finetune does; the padding is kept in the loss), RoPE
                               of grid type "slice"
-    image-to-video            in_channels = 2 x out_channels (image latents concatenated on channels), 1.5-I2V
-                              with ofs_embed_dim: refused for now; ``CogVideoXModel.inputs`` is where the
-                              image conditioning goes in
+    image-to-video            in_channels = 2 x out_channels: image latents concatenated on channels, 1.5-I2V
+                              with an ofs embedding (ofs_embed_dim), 5B-I2V with learned positional embeddings
+                              that fix its clip to sample_frames at the base grid; the conditioning is
+                              cogvideox_i2v.py's, fed by ``CogVideoXModel.inputs``
 
 The transformer sees latents [B, F, C, H, W] and prompt embeddings of T5; the trainer's layout is the shard's
 [B, C, F, H, W]. Everything a CogVideoX directory brings beyond the transformer (its VAE, T5 and pipeline) is in
@@ -28,6 +29,7 @@ from torch import nn
 
 import trainer.families.cogvideox_pipeline as media
 from trainer.diffusion import Objective
+from trainer.dtypes import encoding_dtype
 from trainer.errors import UserError
 from trainer.families.base import (
     NativeClip,
@@ -37,7 +39,8 @@ from trainer.families.base import (
     attach_lora,
     lora_config,
 )
-from trainer.media import to_uint8
+from trainer.families.cogvideox_i2v import OFS, ImageConditioner, image_inputs
+from trainer.media import read_image, to_uint8
 from trainer.shard_format import SampleShapes
 from trainer.spec import LoraSection, ValidationSection
 
@@ -71,12 +74,14 @@ class Variant:
     version: str  # "1.0" or "1.5"
     rope: bool  # 3D rotary positions (5B, 1.5) rather than sin-cos ones (2B)
     image_to_video: bool
+    learned_positions: bool  # 5B-I2V: a learned positional embedding of sample_frames at the base grid
 
     @classmethod
     def of(cls, config: dict) -> Variant:
         return cls(version="1.0" if config.get("patch_size_t") is None else "1.5",
                    rope=bool(config.get("use_rotary_positional_embeddings")),
-                   image_to_video=config.get("in_channels") != config.get("out_channels"))
+                   image_to_video=config.get("in_channels") != config.get("out_channels"),
+                   learned_positions=bool(config.get("use_learned_positional_embeddings")))
 
 
 class CogVideoX:
@@ -106,14 +111,24 @@ class CogVideoX:
 
     # ---- what the data must be
 
+    @property
+    def image_to_video(self) -> bool:
+        return self.variant.image_to_video
+
     def sample_shapes(self) -> SampleShapes:
         cfg = self.config
+        channels, key = cfg["in_channels"], "in_channels"
         if self.variant.image_to_video:
-            raise UserError(f"model.path: {self._source()} has in_channels {cfg.get('in_channels')} != out_channels "
-                            f"{cfg.get('out_channels')}: an image-to-video transformer; this trainer fine-tunes "
-                            f"text-to-video models")
-        return SampleShapes(cfg["in_channels"], cfg["max_text_seq_length"], cfg["text_embed_dim"], cfg["patch_size"],
-                            self._source(), "in_channels", "max_text_seq_length, text_embed_dim")
+            if cfg["in_channels"] != 2 * cfg["out_channels"]:
+                raise UserError(f"model.path: {self._source()} has in_channels {cfg['in_channels']} and out_channels "
+                                f"{cfg['out_channels']}: an image-to-video CogVideoX has twice as many in as out")
+            channels, key = cfg["out_channels"], "out_channels (in_channels / 2: video and image latents)"
+        # image-to-video samples carry their first frame: VAE-compression times the latent sides (CogVideoX's 8
+        # where only a transformer config is at hand)
+        spatial = self._compression()[0] if self.dir is not None and self._vae_config() is not None else 8
+        return SampleShapes(channels, cfg["max_text_seq_length"], cfg["text_embed_dim"], cfg["patch_size"],
+                            self._source(), key, "max_text_seq_length, text_embed_dim",
+                            image_pixels=spatial if self.variant.image_to_video else None)
 
     def _vae_config(self) -> dict | None:
         path = self.model_dir / "vae" / "config.json"
@@ -164,6 +179,17 @@ class CogVideoX:
             if value % (spatial * patch):
                 raise UserError(f"{option(name)}: {value} is not a multiple of {spatial * patch} (the VAE's "
                                 f"{spatial}x compression times the transformer's patch size {patch})")
+        if self.variant.learned_positions:  # diffusers refuses other sizes, and swaps in sin-cos at other lengths
+            cfg = self.config
+            native = (cfg["sample_frames"], cfg["sample_height"] * spatial, cfg["sample_width"] * spatial)
+            asked = (frames, height, width)
+            for name, value, want in zip(("num_frames", "height", "width"), asked, native, strict=True):
+                if value != want:
+                    raise UserError(f"{option(name)}: {value}, but this transformer's learned positional embedding "
+                                    f"(use_learned_positional_embeddings, as CogVideoX-5b-I2V) covers only "
+                                    f"{native[0]}x{native[1]}x{native[2]} (sample_frames x sample_height x "
+                                    f"sample_width latents x {spatial}, in {self._source()}): diffusers refuses "
+                                    f"other sizes and uses other positions at other frame counts")
         if self.variant.version == "1.5":  # "slice" RoPE: positions are rows of a table of the base grid's size
             for name, value, key in (("height", height, "sample_height"), ("width", width, "sample_width")):
                 if value > self.config[key] * spatial:
@@ -188,6 +214,14 @@ class CogVideoX:
 
     def prompt_encoder(self, device: torch.device, dtype: torch.dtype) -> media.PromptEncoder:
         return media.PromptEncoder(self.model_dir, device, dtype, self.config["max_text_seq_length"])
+
+    def image_conditioner(self, device: torch.device, dropout: float) -> ImageConditioner | None:
+        """The VAE encoder that turns each step's conditioning images into image latents (None: text-to-video)."""
+        if not self.variant.image_to_video:
+            return None
+        self.check_encoders("model.path", "training an image-to-video model (the VAE encodes each step's "
+                            "conditioning images)", ("vae/config.json",))
+        return ImageConditioner(self.model_dir, device, encoding_dtype(device), dropout)
 
     # ---- the transformer
 
@@ -265,18 +299,27 @@ class CogVideoX:
         self.check_encoders(field("prompts"), "sampling videos", ("model_index.json", *media.ENCODER_PARTS))
         settings = SampleSettings.of(section, self.native_clip())
         self.latent_shape(settings.num_frames, settings.height, settings.width, field)
+        if self.variant.image_to_video and len(section.images) != len(section.prompts):
+            raise UserError(f"{field('images')}: an image-to-video model samples each prompt from an image: give one "
+                            f"per prompt ({len(section.prompts)} prompt(s), {len(section.images)} image(s))")
+        if not self.variant.image_to_video and section.images:
+            raise UserError(f"{field('images')}: {self.describe()} samples from prompts alone; images are for "
+                            f"image-to-video models")
+        for path in section.images:
+            read_image(Path(path), field("images"))
         return settings
 
     def pipeline(self, transformer: nn.Module, dtype: torch.dtype, device: torch.device) -> Any:
-        return media.load_pipeline(self.model_dir, transformer, dtype, device)
+        return media.load_pipeline(self.model_dir, transformer, dtype, device, self.variant.image_to_video)
 
     def generate(self, pipe: Any, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
-                 settings: SampleSettings, on_step: Callable[[int], None] = lambda i: None) -> np.ndarray:
-        return to_uint8(media.sample(pipe, prompt_embeds, negative_embeds, settings, on_step, "np"))
+                 settings: SampleSettings, on_step: Callable[[int], None] = lambda i: None,
+                 image: Any = None) -> np.ndarray:
+        return to_uint8(media.sample(pipe, prompt_embeds, negative_embeds, settings, on_step, "np", image))
 
     def denoise(self, pipe: Any, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
-                settings: SampleSettings, on_step: Callable[[int], None] = lambda i: None) -> None:
-        media.sample(pipe, prompt_embeds, negative_embeds, settings, on_step, "latent")
+                settings: SampleSettings, on_step: Callable[[int], None] = lambda i: None, image: Any = None) -> None:
+        media.sample(pipe, prompt_embeds, negative_embeds, settings, on_step, "latent", image)
 
     def write_lora(self, transformer: nn.Module, state: dict[str, torch.Tensor], out_dir: Path) -> None:
         media.write_lora(transformer, state, out_dir)
@@ -330,13 +373,24 @@ class CogVideoXModel(VideoModel):
                     device=device)
         return self._rope_cache[key]
 
-    def inputs(self, noisy: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor) -> dict[str, Any]:
+    def inputs(self, noisy: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
+               image_latents: torch.Tensor | None = None) -> dict[str, Any]:
         """The transformer's keyword arguments for latents [B, C, F, H, W]: what the pipeline passes at a
-        denoising step of the same grid. Image-to-video adds its image latents and ofs here."""
+        denoising step of the same grid. Image-to-video: the image latents [B, C, 1, H, W] (cogvideox_i2v.py)
+        concatenated on channels, and ofs where the transformer has its embedding."""
         _, _, frames, height, width = noisy.shape
-        return {"hidden_states": noisy.transpose(1, 2), "encoder_hidden_states": prompt_embeds, "timestep": timesteps,
+        hidden = noisy
+        if image_latents is not None:
+            conditioning = image_inputs(image_latents, frames, self.config.patch_size_t)
+            hidden = torch.cat([noisy, conditioning.to(noisy.dtype)], dim=1)
+        args = {"hidden_states": hidden.transpose(1, 2), "encoder_hidden_states": prompt_embeds, "timestep": timesteps,
                 "image_rotary_emb": self.rotary_embedding(frames, height, width, noisy.device), "return_dict": False}
+        if self.config.ofs_embed_dim:
+            args["ofs"] = noisy.new_full((1,), OFS)
+        return args
 
-    def forward(self, noisy: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """noisy latents [B, C, F, H, W], prompt_embeds [B, L, D], timesteps [B] -> v̂ [B, C, F, H, W]."""
-        return self.transformer(**self.inputs(noisy, prompt_embeds, timesteps))[0].transpose(1, 2)
+    def forward(self, noisy: torch.Tensor, prompt_embeds: torch.Tensor, timesteps: torch.Tensor,
+                image_latents: torch.Tensor | None = None) -> torch.Tensor:
+        """noisy latents [B, C, F, H, W], prompt_embeds [B, L, D], timesteps [B] (image-to-video: image latents
+        [B, C, 1, H, W]) -> v̂ [B, C, F, H, W]."""
+        return self.transformer(**self.inputs(noisy, prompt_embeds, timesteps, image_latents))[0].transpose(1, 2)

@@ -65,17 +65,20 @@ class Encoders:
         return (posterior.sample(generator=generator) * self.vae.config.scaling_factor)[0]
 
 
-def load_pipeline(model_dir: Path, transformer: nn.Module, dtype: torch.dtype, device: torch.device) -> Any:
-    """CogVideoXPipeline around `transformer` (left where it is: under ZeRO-3 DeepSpeed owns its parameters),
-    with the directory's scheduler and its VAE on `device`; no text encoder (prompts come as embeddings)."""
-    from diffusers import CogVideoXPipeline
+def load_pipeline(model_dir: Path, transformer: nn.Module, dtype: torch.dtype, device: torch.device,
+                  image_to_video: bool = False) -> Any:
+    """CogVideoXPipeline (CogVideoXImageToVideoPipeline) around `transformer` (left where it is: under ZeRO-3
+    DeepSpeed owns its parameters), with the directory's scheduler and its VAE on `device`; no text encoder
+    (prompts come as embeddings)."""
+    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
     from diffusers.utils import logging as diffusers_logging
 
     verbosity, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.set_verbosity_error()  # "text_encoder is None" and loading bars, on every rank
     diffusers_logging.disable_progress_bar()
     try:
-        pipe = CogVideoXPipeline.from_pretrained(model_dir, transformer=transformer, text_encoder=None, tokenizer=None,
+        kind = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
+        pipe = kind.from_pretrained(model_dir, transformer=transformer, text_encoder=None, tokenizer=None,
                                                  dtype=dtype)
     finally:
         diffusers_logging.set_verbosity(verbosity)
@@ -90,16 +93,19 @@ def load_pipeline(model_dir: Path, transformer: nn.Module, dtype: torch.dtype, d
 
 @torch.no_grad()
 def sample(pipe: Any, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor, settings: SampleSettings,
-           on_step: Callable[[int], None], output_type: str) -> Any:
+           on_step: Callable[[int], None], output_type: str, image: Any = None) -> Any:
     """One video for one prompt ([L, D] embeddings), starting from the noise of settings.seed (a CPU generator:
-    the same noise on any device): frames [F, H, W, 3] in [0, 1] for output_type "np"; "latent" denoises only."""
+    the same noise on any device): frames [F, H, W, 3] in [0, 1] for output_type "np"; "latent" denoises only.
+    An image-to-video pipeline is given ``image`` (a picture; it draws the image's posterior from the same
+    generator first)."""
     dtype = pipe.vae.dtype
 
     def callback(_pipe, i, _t, _tensors):
         on_step(i)
         return {}
 
-    out = pipe(prompt_embeds=prompt_embeds[None].to(pipe.vae.device, dtype),
+    conditioning = {} if image is None else {"image": image}
+    out = pipe(**conditioning, prompt_embeds=prompt_embeds[None].to(pipe.vae.device, dtype),
                negative_prompt_embeds=negative_embeds[None].to(pipe.vae.device, dtype),
                num_frames=settings.num_frames, height=settings.height, width=settings.width,
                num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
