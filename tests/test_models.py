@@ -1,7 +1,7 @@
-"""The published CogVideoX-2b, CogVideoX-5b and CogVideoX1.5-5B configurations (tests/configs/, values only; see
-SOURCES.md there), on the meta device: the native clip and its rule, the planner's parameters, tokens and FLOPs
-against counts by hand, the LoRA target check, and the rotary embedding against the pipeline's own. The shipped
-example specs plan against them too."""
+"""The published CogVideoX-2b, CogVideoX-5b, CogVideoX1.5-5B, CogVideoX-5b-I2V and CogVideoX1.5-5B-I2V
+configurations (tests/configs/, values only; see SOURCES.md there), on the meta device: the native clip and its
+rule, the planner's parameters, tokens and FLOPs against counts by hand, the LoRA target check, and the rotary
+embedding against the pipeline's own. The shipped example specs plan against them too."""
 
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ EXPECTED = {
     "cogvideox-5b": Expected((49, 480, 720, 8), (16, 13, 60, 90), 13 * 30 * 45, 5_570_283_072, rope=True),
     # 81x768x1360 -> latents 21x96x170; 21 frames padded to 22, patched in pairs: 11 x 48 x 85 = 44,880
     "cogvideox1.5-5b": Expected((81, 768, 1360, 16), (16, 21, 96, 170), 44_880, 5_570_676_352, rope=True),
+    # image-to-video: the patch embedding reads 32 channels (+ 16 x 2 x 2 x 3072), 1.5-I2V patches time in pairs
+    # (x 2) and adds its ofs embedding (two 512 x 512 linears with biases)
+    "cogvideox-5b-i2v": Expected((49, 480, 720, 8), (16, 13, 60, 90), 13 * 30 * 45, 5_570_283_072 + 196_608,
+                                 rope=True),
+    "cogvideox1.5-5b-i2v": Expected((81, 768, 1360, 16), (16, 21, 96, 170), 44_880,
+                                    5_570_676_352 + 393_216 + 525_312, rope=True),
 }
 
 
@@ -57,7 +63,9 @@ def hand_parameters(c: dict) -> int:
     ff = (h * 4 * h + 4 * h) + (4 * h * h + h)
     block = 2 * norm_zero + attention + ff
     out = 2 * h + (t * 2 * h + 2 * h + 2 * h) + (h * p * p * pt * c["out_channels"] + p * p * pt * c["out_channels"])
-    return patch + text + time + c["num_layers"] * block + out  # norm_final, norm_out (AdaLayerNorm), proj_out
+    o = c.get("ofs_embed_dim") or 0  # 1.5-I2V: a second TimestepEmbedding, for ofs
+    ofs = 2 * (o * o + o)
+    return patch + text + time + ofs + c["num_layers"] * block + out  # norm_final, norm_out, proj_out
 
 
 def hand_forward_flops(c: dict, video: int, text: int, rank: int) -> int:
@@ -70,7 +78,8 @@ def hand_forward_flops(c: dict, video: int, text: int, rank: int) -> int:
              + 4 * 2 * 2 * rank * h * seq  # four LoRAs, A and B
              + 2 * 2 * t * 6 * h)  # norm1 and norm2's conditioning linears, once per sample
     outside = (2 * c["in_channels"] * p * p * pt * h * video + 2 * c["text_embed_dim"] * h * text
-               + 2 * h * p * p * pt * c["out_channels"] * video + 2 * (h * t + t * t) + 2 * t * 2 * h)
+               + 2 * h * p * p * pt * c["out_channels"] * video + 2 * (h * t + t * t) + 2 * t * 2 * h
+               + 2 * 2 * (c.get("ofs_embed_dim") or 0) ** 2)
     return c["num_layers"] * block + outside
 
 
@@ -111,7 +120,7 @@ def test_published_configuration_on_the_meta_device(name):
     # what the trainer feeds the transformer for the native clip: padded latents, and the pipeline's RoPE
     model = family.wrap(family.transformer_from_config("meta"))
     x0 = model.prepare_latents(torch.empty(1, *latents, device="meta"))
-    assert x0.shape[2] == (22 if name == "cogvideox1.5-5b" else 13)
+    assert x0.shape[2] == (22 if name.startswith("cogvideox1.5-5b") else 13)
     assert model.video_tokens(*x0.shape[2:]) == expected.tokens
     rope = model.rotary_embedding(*x0.shape[2:], torch.device("cpu"))
     if not expected.rope:
@@ -122,6 +131,12 @@ def test_published_configuration_on_the_meta_device(name):
         native.height, native.width, x0.shape[2], torch.device("cpu"))
     assert torch.equal(rope[0], theirs[0]) and torch.equal(rope[1], theirs[1])
     pipe = meta_pipeline(family)
+    if cfg.get("use_learned_positional_embeddings"):  # 5B-I2V: learned positions of 49x480x720 alone
+        for frames, height, width, wrong in ((49, 480, 480, "width"), (25, 480, 720, "num_frames")):
+            with pytest.raises(UserError, match=rf"^{wrong}: .* learned positional embedding .* covers only "
+                                                rf"49x480x720"):
+                family.latent_shape(frames, height, width, str)
+        return
     for frames, height, width in ((49, 480, 480), (81, 320, 960), (17, 768, 1360)):  # other clips: other crops
         grid = model.prepare_latents(torch.empty(1, *family.latent_shape(frames, height, width, str),
                                                  device="meta")).shape[2:]
@@ -153,7 +168,9 @@ def test_the_15_clip_rule_and_rope_do_not_depend_on_which_published_base_grid(tm
 
 @pytest.mark.parametrize("example,model,ranks", [("cogvideox-2b-lora", "cogvideox-2b", 8),
                                                  ("cogvideox-5b-lora", "cogvideox-5b", 8),
-                                                 ("cogvideox1.5-5b-lora", "cogvideox1.5-5b", 8)])
+                                                 ("cogvideox1.5-5b-lora", "cogvideox1.5-5b", 8),
+                                                 ("cogvideox-5b-i2v-lora", "cogvideox-5b-i2v", 8),
+                                                 ("cogvideox1.5-5b-i2v-lora", "cogvideox1.5-5b-i2v", 8)])
 def test_shipped_examples_plan_against_the_published_configs(example, model, ranks):
     """launch/train.py --dry-run, as a user runs it before packing: the model's native clip when there are no
     shards yet, the spec's own ZeRO stage and checkpointing marked."""
@@ -187,12 +204,15 @@ def test_the_planner_plans_the_native_clip_only_before_packing(tmp_path):
 
 
 @pytest.mark.parametrize("flavour,published", [("2b", "cogvideox-2b"), ("5b", "cogvideox-5b"),
-                                               ("1.5", "cogvideox1.5-5b")])
+                                               ("1.5", "cogvideox1.5-5b"), ("5b-i2v", "cogvideox-5b-i2v"),
+                                               ("1.5-i2v", "cogvideox1.5-5b-i2v")])
 def test_each_tiny_flavour_has_its_published_structure_and_settings(flavour, published, request):
-    """Only sizes differ: widths, depths, the base grid and sample_frames (so that the native clip is small)."""
-    tiny = request.getfixturevalue({"2b": "tiny_2b", "5b": "tiny_5b", "1.5": "tiny_15"}[flavour])
+    """Only sizes differ: widths, depths, the base grid and sample_frames (so that the native clip is small);
+    in and out channels keep their ratio (2 for image-to-video), the ofs embedding its presence."""
+    tiny = request.getfixturevalue({"2b": "tiny_2b", "5b": "tiny_5b", "1.5": "tiny_15", "5b-i2v": "tiny_5b_i2v",
+                                    "1.5-i2v": "tiny_15_i2v"}[flavour])
     sizes = {"num_attention_heads", "attention_head_dim", "num_layers", "in_channels", "out_channels",
-             "time_embed_dim", "text_embed_dim", "sample_frames", "sample_height", "sample_width"}
+             "time_embed_dim", "text_embed_dim", "sample_frames", "sample_height", "sample_width", "ofs_embed_dim"}
 
     def read(root, part):
         return {k: v for k, v in json.loads((root / part).read_text()).items() if not k.startswith("_")}
@@ -204,6 +224,9 @@ def test_each_tiny_flavour_has_its_published_structure_and_settings(flavour, pub
     ours, theirs = transformer(tiny), transformer(CONFIGS / published)
     assert ours.keys() == theirs.keys()
     assert {k: ours[k] for k in ours.keys() - sizes} == {k: theirs[k] for k in theirs.keys() - sizes}
+    assert ours["in_channels"] / ours["out_channels"] == theirs["in_channels"] / theirs["out_channels"]
+    assert (ours["ofs_embed_dim"] is None) == (theirs["ofs_embed_dim"] is None)
+    assert ours["ofs_embed_dim"] in (None, ours["time_embed_dim"])  # diffusers adds it to the time embedding
     assert read(tiny, "scheduler/scheduler_config.json") == read(CONFIGS / published,
                                                                   "scheduler/scheduler_config.json")
     vae, their_vae = read(tiny, "vae/config.json"), read(CONFIGS / published, "vae/config.json")

@@ -62,9 +62,8 @@ def reference(request, tiny_5b, shards_10, tmp_path_factory):
     return request.param, config, run_dir
 
 
-def test_sigkill_at_a_random_point_after_a_checkpoint_then_resume(reference, tiny_5b, shards_10, tmp_path):
-    stage, config, ref_dir = reference
-    run_dir, args = tmp_path / "run", overrides(tiny_5b, shards_10, tmp_path / "run", config)
+def sigkill_after_step_4s_checkpoint(args: tuple[str, ...], run_dir: Path) -> None:
+    """Start the run and SIGKILL it at a random point after step 4's checkpoint; rerun it to the end."""
     more = random.Random(os.getpid()).randrange(0, 3)  # steps to let pass after step 4's checkpoint
     proc, seen, countdown = launch(args), [], None
     for line in proc.stdout:
@@ -82,7 +81,29 @@ def test_sigkill_at_a_random_point_after_a_checkpoint_then_resume(reference, tin
     resumed = run_train(REPO / "examples" / "tiny.yaml", ranks=2, overrides=args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed: from" in resumed.stderr and "step_00000004" in resumed.stderr
+
+
+def test_sigkill_at_a_random_point_after_a_checkpoint_then_resume(reference, tiny_5b, shards_10, tmp_path):
+    stage, config, ref_dir = reference
+    run_dir, args = tmp_path / "run", overrides(tiny_5b, shards_10, tmp_path / "run", config)
+    sigkill_after_step_4s_checkpoint(args, run_dir)
     assert_same_run(run_dir, ref_dir)
+
+
+def test_image_to_video_sigkill_then_resume_is_bitwise(tiny_15_i2v, packed_15_i2v, tmp_path):
+    """Image-to-video draws each step's image noise, posterior sample and dropout from (seed, data rank, step),
+    and its held-out loss from fixed seeds: a killed and rerun run ends equal to the uninterrupted one (ZeRO-2,
+    image dropout 0.5 so that the dropout draws matter, the held-out loss every step)."""
+    config, extra = zero_config(tmp_path, 2), ("data.image_dropout=0.5", "validation.prompts=[]")
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    proc = run_train(REPO / "examples" / "tiny.yaml", ranks=2,
+                     overrides=overrides(tiny_15_i2v, packed_15_i2v, ref_dir, config, *extra))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CogVideoX 1.5 image-to-video" in proc.stderr
+    sigkill_after_step_4s_checkpoint(overrides(tiny_15_i2v, packed_15_i2v, run_dir, config, *extra), run_dir)
+    assert_same_run(run_dir, ref_dir)
+    ours, theirs = read_metrics(run_dir, validation=True), read_metrics(ref_dir, validation=True)
+    assert [m["val_loss"] for m in ours] == [m["val_loss"] for m in theirs] and len(theirs) == STEPS
 
 
 def test_sigterm_saves_at_the_step_it_arrives_and_the_rerun_finishes_equal(reference, tiny_5b, shards_10, tmp_path):

@@ -51,19 +51,25 @@ def assert_learned(run_dir: Path, samples_per_step: int) -> list[dict]:
 
 
 def transformer_inputs(pipe: CogVideoXPipeline):
-    gen = torch.Generator().manual_seed(0)
-    frames = 4 if pipe.transformer.config.patch_size_t else 3  # 1.5 patches latent frames in pairs
-    latents = torch.randn(1, frames, 4, 12, 16, generator=gen)  # [B, F, C, H, W]
+    """Random inputs of the tiny models' native grid (image-to-video: twice the channels, and ofs where the
+    transformer has its embedding)."""
+    gen, config = torch.Generator().manual_seed(0), pipe.transformer.config
+    frames = 4 if config.patch_size_t else 3  # 1.5 patches latent frames in pairs
+    latents = torch.randn(1, frames, config.in_channels, 12, 16, generator=gen)  # [B, F, C, H, W]
     embeds = torch.randn(1, 226, 32, generator=gen)
     rope = None
-    if pipe.transformer.config.use_rotary_positional_embeddings:
+    if config.use_rotary_positional_embeddings:
         rope = pipe._prepare_rotary_positional_embeddings(96, 128, frames, torch.device("cpu"))
+    ofs = {"ofs": torch.tensor([2.0])} if config.ofs_embed_dim else {}
     return dict(hidden_states=latents, encoder_hidden_states=embeds, timestep=torch.tensor([500]),
-                image_rotary_emb=rope, return_dict=False)
+                image_rotary_emb=rope, return_dict=False, **ofs)
 
 
 @torch.no_grad()
-def assert_export_applies(lora_dir: Path, model_dir: Path, spec_file: Path) -> None:
+def assert_export_applies(lora_dir: Path, model_dir: Path, spec_file: Path,
+                          pipeline: type = CogVideoXPipeline) -> None:
+    """The exported file has one A and B per targeted layer, and ``pipeline.load_lora_weights`` applies it at the
+    trained scale: the output peft gives with the spec's LoRA config, not the one of alpha = rank."""
     tensors = load_file(lora_dir / "pytorch_lora_weights.safetensors")
     spec = load_spec(spec_file)
     layers = CogVideoXTransformer3DModel.load_config(model_dir / "transformer")["num_layers"]
@@ -72,7 +78,7 @@ def assert_export_applies(lora_dir: Path, model_dir: Path, spec_file: Path) -> N
     assert all(t.numel() > 0 and t.dtype == torch.float32 for t in tensors.values()), "empty LoRA tensor"
     assert (lora_dir / "spec.yaml").is_file()
 
-    pipe = CogVideoXPipeline.from_pretrained(model_dir, dtype=torch.float32)
+    pipe = pipeline.from_pretrained(model_dir, dtype=torch.float32)
     inputs = transformer_inputs(pipe)
     base = pipe.transformer(**inputs)[0]
     pipe.load_lora_weights(lora_dir)

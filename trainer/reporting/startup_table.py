@@ -42,6 +42,9 @@ def print_startup(reporter: Reporter, *, spec: RunSpec, layout: ParallelLayout, 
                   f"{engine.train_batch_size()} samples per optimizer step"),
         ("tokens per sample", tokens),
         ("data", f"{len(index.samples):,} samples in {shards} shard(s)"),
+        *([("conditioning", f"first frame, noised (sigma = exp(N(-3, 0.5))) and VAE-encoded each step on "
+                            f"{engine.device.type}; dropout {spec.data.image_dropout:g}")]
+          if family.image_to_video else []),
         ("schedule", f"{spec.train.max_steps} optimizer steps, lr {optim.lr:g} {optim.schedule}, "
                      f"{optim.warmup_steps} warmup; timesteps {spec.train.timestep_sampling}"),
     ]
