@@ -16,11 +16,13 @@ carries its model's published structure and settings (huggingface.co/THUDM/<mode
        diffusers config, its conversion script and CogVideoXPipeline's default say 226); vae: scaling_factor
        0.7, invert_scale_latents true; scheduler: snr_shift_scale 1.0 (as diffusers'
        scripts/convert_cogvideox_to_diffusers.py is run for it and the SAT config's ZeroSNRDDPM default)
-  5b-i2v   (CogVideoX-5b-I2V) the 5b flavour with in_channels = 2 x out_channels (the image latents are
-       concatenated on channels) and use_learned_positional_embeddings true (beside 3D RoPE): its clip is the base
-       grid and sample_frames, nothing else
-  1.5-i2v  (CogVideoX1.5-5B-I2V) the 1.5 flavour with in_channels = 2 x out_channels and ofs_embed_dim (512 in the
-       published config, equal to its time_embed_dim: diffusers adds the ofs embedding to the timestep one)
+  5b-i2v   (CogVideoX-5b-I2V) transformer: the 5b flavour with in_channels = 2 x out_channels (the image
+       latents are concatenated on channels, 32 = 2 x 16 published) and use_learned_positional_embeddings true
+       beside 3D RoPE (its clip is the base grid at sample_frames, nothing else); scheduler and vae as 5b
+  1.5-i2v  (CogVideoX1.5-5B-I2V, as diffusers' conversion script writes it for --version 1.5 --i2v) the 1.5
+       flavour with in_channels = 2 x out_channels and ofs_embed_dim (512 published, equal to time_embed_dim:
+       diffusers adds the ofs embedding to the timestep's); scheduler and vae as 1.5
+  tests/configs/SOURCES.md says where each published value was read, and which were inferred.
   All: a zero-terminal-SNR v-prediction DDIM schedule, scaled_linear betas 0.00085..0.012, "trailing" spacing.
 The base grid (sample_height x sample_width latents) is 12 x 16, a native clip of 96x128: 9 frames for the 1.0
 flavours and 17 (16k+1, as 1.5's 81) for 1.5, whose 5 latent frames are an odd number, padded to 6.

@@ -111,3 +111,13 @@ def test_dry_run_plans_cogvideox_5b_without_weights(tmp_path):
     assert native.returncode == 0, native.stderr[-3000:]
     assert "planning for the model's native clip 49x480x720" in native.stdout
     assert row(native.stdout, "total") == totals
+
+
+def test_the_conditioning_benchmark_measures_one_encode(tiny_5b_i2v):
+    """bench/conditioning.py's measurement, at the tiny model's VAE and clip (the published ones take minutes)."""
+    for tiling in ([], ["--no-tiling"]):
+        out = run_bench("bench/conditioning.py", "--vae", str(tiny_5b_i2v / "vae"), "--height", "96", "--width",
+                        "128", *tiling)
+        m = json.loads(out.splitlines()[-1])
+        assert m["params"] > 0 and m["tflop"] > 0 and m["seconds"] > 0 and m["peak_gb"] >= 0
+        assert m["weights_gb"] == m["params"] * 2 / 1e9 and m["dtype"] == "float32"

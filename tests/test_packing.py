@@ -84,6 +84,27 @@ def test_packed_sample_equals_the_encoders_on_the_same_frames(packed, videos, ti
     assert manifest["prompt_embeds"] == [226, 32]
     assert [s["file"] for s in manifest["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
     assert manifest["model"]["vae"]["scaling_factor"] == 0.7 and manifest["options"]["fps"] == 8.0
+    assert manifest["kind"] == "text-to-video" and "image" not in manifest and sample.image is None
+    assert "image" not in manifest["options"]  # the identity a text-to-video pack had before image-to-video
+
+
+def test_an_image_to_video_pack_stores_each_clips_first_frame(packed_5b_i2v, packed, videos):
+    """The same videos packed for the 5B-I2V-style model: the same samples, each with the clip's first frame as
+    an 8-bit picture, as decoded for its latents; the manifest says image-to-video, and
+    data_tools/inspect_shards.py checks every image."""
+    samples, t2v = read_all(packed_5b_i2v), read_all(packed)
+    frames = decode_clip(videos / "videos" / "00004.mp4", [Bucket(9, 96, 128)], 8.0).frames
+    image = samples["000000004"].image
+    assert image is not None and image.dtype == torch.uint8 and image.shape == (3, 96, 128)
+    assert torch.equal(image, ((frames[0] + 1) * 127.5).round().to(torch.uint8))
+    assert (image.float() / 127.5 - 1 - frames[0]).abs().max() <= 0.5 / 127.5 + 1e-6  # within half a level
+    assert sorted(samples) == sorted(t2v) and samples["000000004"].meta == t2v["000000004"].meta
+    manifest = json.loads((packed_5b_i2v / "manifest.json").read_text())
+    assert manifest["kind"] == "image-to-video" and manifest["options"]["image"] is True
+    assert manifest["image"] == {"member": "image.safetensors", "what": "the clip's first frame, uint8 [3, height, "
+                                                                        "width]"}
+    _, report = inspect_dataset(packed_5b_i2v)
+    assert not report.problems and sum(report.samples.values()) == 6
 
 
 def test_all_three_layouts_pack_the_same_samples(packed, videos, tiny_5b, tmp_path):

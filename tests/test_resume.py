@@ -104,6 +104,13 @@ def test_image_to_video_sigkill_then_resume_is_bitwise(tiny_15_i2v, packed_15_i2
     assert_same_run(run_dir, ref_dir)
     ours, theirs = read_metrics(run_dir, validation=True), read_metrics(ref_dir, validation=True)
     assert [m["val_loss"] for m in ours] == [m["val_loss"] for m in theirs] and len(theirs) == STEPS
+    # and the held-out loss, which encodes images too, leaves no trace: the same run without it ends equal
+    quiet = tmp_path / "without-validation"
+    proc = run_train(REPO / "examples" / "tiny.yaml", ranks=2, overrides=(
+        *overrides(tiny_15_i2v, packed_15_i2v, quiet, config, *extra), "validation.loss.shards=null"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not read_metrics(quiet, validation=True)
+    assert_same_run(quiet, ref_dir)
 
 
 def test_sigterm_saves_at_the_step_it_arrives_and_the_rerun_finishes_equal(reference, tiny_5b, shards_10, tmp_path):

@@ -142,6 +142,11 @@ def dry_run(spec: RunSpec, world_size: int, videos: list[str]) -> None:
     console.print(memory)
     console.print("* this spec. Not counted: the framework's own buffers and the allocator's slack (on a GPU, "
                   "CUDA context and caching: leave 10-20%).")
+    if family.image_to_video:
+        encoder = family.image_encoder_parameters()
+        console.print(f"image-to-video, also not counted: the conditioning VAE encoder on every rank, {encoder:,} "
+                      f"parameters ({_mib(2 * encoder)} MiB in bf16), and its tiled encode of one frame per sample "
+                      f"(bench/conditioning.py measures it; README \"Image-to-video\").")
 
 
 def _named(label: str) -> Callable[[str], str]:

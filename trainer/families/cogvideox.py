@@ -39,8 +39,8 @@ from trainer.families.base import (
     attach_lora,
     lora_config,
 )
-from trainer.families.cogvideox_i2v import OFS, ImageConditioner, image_inputs
-from trainer.media import read_image, to_uint8
+from trainer.families.cogvideox_i2v import OFS, ImageConditioner, check_images, image_inputs
+from trainer.media import to_uint8
 from trainer.shard_format import SampleShapes
 from trainer.spec import LoraSection, ValidationSection
 
@@ -123,12 +123,13 @@ class CogVideoX:
                 raise UserError(f"model.path: {self._source()} has in_channels {cfg['in_channels']} and out_channels "
                                 f"{cfg['out_channels']}: an image-to-video CogVideoX has twice as many in as out")
             channels, key = cfg["out_channels"], "out_channels (in_channels / 2: video and image latents)"
-        # image-to-video samples carry their first frame: VAE-compression times the latent sides (CogVideoX's 8
-        # where only a transformer config is at hand)
-        spatial = self._compression()[0] if self.dir is not None and self._vae_config() is not None else 8
+        image = None  # image-to-video samples carry their first frame: the VAE's compression times the latents
+        if self.variant.image_to_video and self.dir is not None:  # the VAE that encodes it every step
+            self.check_encoders("model.path", "training an image-to-video model", ("vae/config.json",))
+        if self.variant.image_to_video:
+            image = self._compression()[0] if self.dir is not None else 8  # CogVideoX's, from a config alone
         return SampleShapes(channels, cfg["max_text_seq_length"], cfg["text_embed_dim"], cfg["patch_size"],
-                            self._source(), key, "max_text_seq_length, text_embed_dim",
-                            image_pixels=spatial if self.variant.image_to_video else None)
+                            self._source(), key, "max_text_seq_length, text_embed_dim", image_pixels=image)
 
     def _vae_config(self) -> dict | None:
         path = self.model_dir / "vae" / "config.json"
@@ -182,8 +183,8 @@ class CogVideoX:
         if self.variant.learned_positions:  # diffusers refuses other sizes, and swaps in sin-cos at other lengths
             cfg = self.config
             native = (cfg["sample_frames"], cfg["sample_height"] * spatial, cfg["sample_width"] * spatial)
-            asked = (frames, height, width)
-            for name, value, want in zip(("num_frames", "height", "width"), asked, native, strict=True):
+            for name, value, want in zip(("num_frames", "height", "width"), (frames, height, width), native,
+                                         strict=True):
                 if value != want:
                     raise UserError(f"{option(name)}: {value}, but this transformer's learned positional embedding "
                                     f"(use_learned_positional_embeddings, as CogVideoX-5b-I2V) covers only "
@@ -206,7 +207,8 @@ class CogVideoX:
     def check_encoders(self, label: str, purpose: str, parts: tuple[str, ...] = media.ENCODER_PARTS) -> None:
         missing = [part for part in parts if not (self.model_dir / part).exists()]
         if missing:
-            raise UserError(f"{label}: {purpose} needs the model directory's VAE and text encoder, but "
+            what = "VAE and text encoder" if any(not part.startswith("vae") for part in parts) else "VAE"
+            raise UserError(f"{label}: {purpose} needs the model directory's {what}, but "
                             f"{self.model_dir} lacks {', '.join(missing)}")
 
     def encoders(self, device: torch.device, dtype: torch.dtype, vae_tiling: bool = True) -> media.Encoders:
@@ -215,12 +217,21 @@ class CogVideoX:
     def prompt_encoder(self, device: torch.device, dtype: torch.dtype) -> media.PromptEncoder:
         return media.PromptEncoder(self.model_dir, device, dtype, self.config["max_text_seq_length"])
 
+    def image_encoder_parameters(self) -> int:
+        """Parameters of the VAE encoder image-to-video training holds on every rank (0: text-to-video)."""
+        vae = self._vae_config() if self.variant.image_to_video else None
+        if vae is None:
+            return 0
+        from diffusers import AutoencoderKLCogVideoX
+
+        with torch.device("meta"):
+            model = AutoencoderKLCogVideoX.from_config(vae)
+        return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.decoder.parameters())
+
     def image_conditioner(self, device: torch.device, dropout: float) -> ImageConditioner | None:
         """The VAE encoder that turns each step's conditioning images into image latents (None: text-to-video)."""
         if not self.variant.image_to_video:
             return None
-        self.check_encoders("model.path", "training an image-to-video model (the VAE encodes each step's "
-                            "conditioning images)", ("vae/config.json",))
         return ImageConditioner(self.model_dir, device, encoding_dtype(device), dropout)
 
     # ---- the transformer
@@ -299,14 +310,7 @@ class CogVideoX:
         self.check_encoders(field("prompts"), "sampling videos", ("model_index.json", *media.ENCODER_PARTS))
         settings = SampleSettings.of(section, self.native_clip())
         self.latent_shape(settings.num_frames, settings.height, settings.width, field)
-        if self.variant.image_to_video and len(section.images) != len(section.prompts):
-            raise UserError(f"{field('images')}: an image-to-video model samples each prompt from an image: give one "
-                            f"per prompt ({len(section.prompts)} prompt(s), {len(section.images)} image(s))")
-        if not self.variant.image_to_video and section.images:
-            raise UserError(f"{field('images')}: {self.describe()} samples from prompts alone; images are for "
-                            f"image-to-video models")
-        for path in section.images:
-            read_image(Path(path), field("images"))
+        check_images(section.prompts, section.images, self.variant.image_to_video, self.describe(), field("images"))
         return settings
 
     def pipeline(self, transformer: nn.Module, dtype: torch.dtype, device: torch.device) -> Any:

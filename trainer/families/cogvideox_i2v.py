@@ -13,8 +13,9 @@
 
 Why the VAE encoder runs on the training device every step instead of packing encoded images: the noise is
 fresh for every step of every epoch, as in CogVideo's recipe, and the shards stay one picture per sample (1 MB at
-480x720). The cost is one encoder pass of one frame per sample per step, without gradients, and the encoder's
-weights on every rank (the decoder is dropped); README "Models" has the numbers. All draws come from the step's
+480x720). The cost is one encoder pass of one frame per sample per step, without gradients, tiled, and the
+encoder's weights on every rank (the decoder is dropped); README "Models" has the numbers
+(bench/conditioning.py). All draws come from the step's
 generator, seeded by (seed, data-parallel rank, optimizer step): a resumed step draws the same.
 """
 
@@ -23,6 +24,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from trainer.errors import UserError
+from trainer.media import read_image
 
 # CogVideo's finetune (finetune/models/cogvideox_i2v/lora_trainer.py): sigma = exp(N(-3, 0.5)) on [-1, 1] pixels
 IMAGE_NOISE_LOG_MEAN, IMAGE_NOISE_LOG_STD = -3.0, 0.5
@@ -37,6 +41,9 @@ class ImageConditioner:
 
         vae = AutoencoderKLCogVideoX.from_pretrained(model_dir / "vae", dtype=dtype)
         vae.decoder = None  # encoding only: the decoder is the larger half of the VAE
+        # In tiles above the VAE's tile size (240x360), as packing encodes the videos and validation's pipeline
+        # the image: a whole 768x1360 frame peaks at several GB beside the training state (bench/conditioning.py)
+        vae.enable_tiling()
         self.vae = vae.to(device).eval().requires_grad_(False)
         self.device, self.dtype, self.dropout = device, dtype, dropout
         config = vae.config
@@ -86,3 +93,15 @@ def image_inputs(image_latents: torch.Tensor, frames: int, patch_size_t: int | N
     padded = torch.cat([image_latents, image_latents.new_zeros(batch, channels, frames - 1, height, width)], dim=2)
     lead = frames % patch_size_t if patch_size_t else 0
     return torch.cat([padded[:, :, :lead], padded], dim=2)
+
+
+def check_images(prompts: list[str], images: list[str], image_to_video: bool, model: str, field: str) -> None:
+    """Sampling's images: one readable image per prompt for an image-to-video model, none otherwise; errors name
+    ``field``."""
+    if image_to_video and len(images) != len(prompts):
+        raise UserError(f"{field}: an image-to-video model samples each prompt from an image: give one per prompt "
+                        f"({len(prompts)} prompt(s), {len(images)} image(s))")
+    if not image_to_video and images:
+        raise UserError(f"{field}: {model} samples from prompts alone; images are for image-to-video models")
+    for path in images:
+        read_image(Path(path), field)
