@@ -29,33 +29,31 @@ PUBLISHED = {"cogvideox-5b-i2v": (480, 720), "cogvideox1.5-5b-i2v": (768, 1360)}
 
 def measure(vae_dir: Path, height: int, width: int, tiling: bool) -> dict:
     import torch
-    from diffusers import AutoencoderKLCogVideoX
     from torch.utils.flop_counter import FlopCounterMode
+
+    from trainer.families.cogvideox_i2v import ImageConditioner
 
     cuda = torch.cuda.is_available()
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     torch.manual_seed(0)
-    vae = AutoencoderKLCogVideoX.from_config(AutoencoderKLCogVideoX.load_config(vae_dir))
-    vae.decoder = None  # as the trainer holds it
-    vae = vae.to(device, dtype).eval()
-    if tiling:
-        vae.enable_tiling()
-    params = sum(p.numel() for p in vae.parameters())
-    image = torch.rand(1, 3, 1, height, width, device=device, dtype=dtype) * 2 - 1
-    with torch.no_grad():
-        if cuda:
-            vae.encode(image)  # warm-up: kernels chosen, workspaces allocated
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        # on a CPU the first encode is measured: the process's peak so far is the weights'
-        before, start = torch.cuda.memory_allocated() if cuda else _rss(), time.perf_counter()
-        vae.encode(image).latent_dist.sample()
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        peak = (torch.cuda.max_memory_allocated() if cuda else _rss()) - before
-        with FlopCounterMode(display=False) as counter:
-            vae.encode(image)
+    config = json.loads((vae_dir / "config.json").read_text())
+    conditioner = ImageConditioner.from_config(config, device, dtype, tiling)  # the trainer's encoder, decoder dropped
+    params = sum(p.numel() for p in conditioner.vae.parameters())
+    pixels = torch.rand(1, 3, height, width, device=device) * 2 - 1
+    generator = torch.Generator(device).manual_seed(0)
+    if cuda:
+        conditioner.encode(pixels, generator, dtype)  # warm-up: kernels chosen, workspaces allocated
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    # on a CPU the first encode is measured: the process's peak so far is the weights'
+    before, start = torch.cuda.memory_allocated() if cuda else _rss(), time.perf_counter()
+    conditioner.encode(pixels, generator, dtype)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if cuda else _rss()) - before
+    with FlopCounterMode(display=False) as counter:
+        conditioner.encode(pixels, generator, dtype)
     return {"params": params, "weights_gb": params * 2 / 1e9, "tflop": counter.get_total_flops() / 1e12,
             "seconds": seconds, "peak_gb": peak / 1e9, "dtype": str(dtype).removeprefix("torch.")}
 

@@ -114,10 +114,16 @@ def test_dry_run_plans_cogvideox_5b_without_weights(tmp_path):
 
 
 def test_the_conditioning_benchmark_measures_one_encode(tiny_5b_i2v):
-    """bench/conditioning.py's measurement, at the tiny model's VAE and clip (the published ones take minutes)."""
+    """bench/conditioning.py's measurement of the trainer's encoder, on the tiny model's VAE at 256x384: above
+    the VAE's 240x360 tile size, so that tiling overlaps tiles (more FLOPs). The published sizes take minutes."""
+    import torch
+
+    results = {}
     for tiling in ([], ["--no-tiling"]):
-        out = run_bench("bench/conditioning.py", "--vae", str(tiny_5b_i2v / "vae"), "--height", "96", "--width",
-                        "128", *tiling)
-        m = json.loads(out.splitlines()[-1])
+        out = run_bench("bench/conditioning.py", "--vae", str(tiny_5b_i2v / "vae"), "--height", "256", "--width",
+                        "384", *tiling)
+        m = results[bool(tiling)] = json.loads(out.splitlines()[-1])
         assert m["params"] > 0 and m["tflop"] > 0 and m["seconds"] > 0 and m["peak_gb"] >= 0
-        assert m["weights_gb"] == m["params"] * 2 / 1e9 and m["dtype"] == "float32"
+        assert m["weights_gb"] == m["params"] * 2 / 1e9
+        assert m["dtype"] == ("bfloat16" if torch.cuda.is_available() else "float32")
+    assert results[False]["tflop"] > results[True]["tflop"]  # tiled (False: no --no-tiling) overlaps its tiles

@@ -44,11 +44,11 @@ def test_augmented_image_latents_are_noised_dropped_and_seeded(tiny_15_i2v, pack
     assert images.shape == (2, 3, 96, 128) and images.dtype == torch.uint8
 
     def draw(dropout: float, seed: int) -> torch.Tensor:
-        conditioner = family.image_conditioner(torch.device("cpu"), dropout)
+        conditioner = family.image_conditioner(torch.device("cpu"), torch.float32, dropout)
         assert conditioner is not None
         return conditioner.augmented(images, torch.Generator().manual_seed(seed), torch.float32)
 
-    conditioner = family.image_conditioner(torch.device("cpu"), 0.0)
+    conditioner = family.image_conditioner(torch.device("cpu"), torch.float32, 0.0)
     noised = draw(0.0, 0)
     assert noised.shape == (2, 4, 1, 12, 16)
     assert torch.equal(noised, draw(0.0, 0)) and not torch.equal(noised, draw(0.0, 1))  # seeded per step
@@ -100,7 +100,7 @@ def preflight_fails(spec: dict, match: str) -> None:
 
 
 def test_preflight_names_what_does_not_fit_an_image_to_video_run(tmp_path, i2v_spec, tiny_5b, packed_5b,
-                                                                 packed_5b_i2v):
+                                                                 packed_15_i2v):
     picture = tmp_path / "first.png"
     from PIL import Image
 
@@ -122,11 +122,33 @@ def test_preflight_names_what_does_not_fit_an_image_to_video_run(tmp_path, i2v_s
     preflight_fails({**i2v_spec, "validation": {"prompts": ["a"], "images": [str(picture)], "height": 80}},
                     r"^validation.height: 80, but this transformer's learned positional embedding .* covers only "
                     r"9x96x128")
+    preflight_fails({**i2v_spec, "validation": {"prompts": [], "images": [str(picture)]}},
+                    r"^validation.images: 1 image\(s\) but no validation.prompts")
+    preflight_fails({**i2v_spec, "data": {"shards": str(packed_15_i2v)}, "validation": {}},
+                    r"latents \[4, 5, 12, 16\] are not the one grid the model's learned positional embedding "
+                    r"covers, \[3, 12, 16\] latent frames x height x width")
     no_vae = tmp_path / "no-vae"
     shutil.copytree(i2v_spec["model"]["path"], no_vae, ignore=shutil.ignore_patterns("vae"))
     preflight_fails({**i2v_spec, "model": {"path": str(no_vae)}, "validation": {}},
                     r"^model.path: training an image-to-video model needs the model directory's VAE, but .* lacks "
                     r"vae/config.json")
+
+
+def test_position_tables_bound_the_latent_grid(tmp_path, tiny_15, tiny_5b_i2v):
+    """1.5's RoPE table (the base grid, 12 x 16 latents here) bounds every sample's grid; 5B-I2V's learned
+    embedding admits its one grid; and a VAE that cannot be loaded is named before the transformer loads."""
+    shapes = family_for(tiny_15).sample_shapes()
+    shapes.check("s.tar", "k", (4, 5, 12, 16), (226, 32))
+    with pytest.raises(UserError, match=r"sample 'k': latent height x width 14x16 is beyond the model's rotary "
+                                        r"position table, 12x16"):
+        shapes.check("s.tar", "k", (4, 5, 14, 16), (226, 32))
+    family_for(tiny_5b_i2v).sample_shapes().check("s.tar", "k", (4, 3, 12, 16), (226, 32))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_5b_i2v, broken)
+    for weights in (broken / "vae").glob("diffusion_pytorch_model*"):
+        weights.write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match=r"^model.path: cannot load the VAE that encodes the conditioning images"):
+        family_for(broken).image_conditioner(torch.device("cpu"), torch.float32, 0.0)
 
 
 def test_an_image_to_video_sample_without_its_image_is_left_out_by_name(tmp_path, tiny_5b_i2v, packed_5b_i2v):

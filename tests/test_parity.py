@@ -108,7 +108,7 @@ def test_image_to_video_inputs_are_the_i2v_pipelines(flavour, request):
     pipe = CogVideoXImageToVideoPipeline.from_pretrained(model_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     model = family.wrap(pipe.transformer)
-    conditioner = family.image_conditioner(torch.device("cpu"), dropout=0.0)
+    conditioner = family.image_conditioner(torch.device("cpu"), torch.float32, dropout=0.0)
     assert conditioner is not None
     image_latents = conditioner.clean(sample.image[None], torch.Generator().manual_seed(3), torch.float32)
     calls, handle = recorded(pipe.transformer)

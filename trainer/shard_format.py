@@ -57,6 +57,8 @@ class SampleShapes:
     channels_key: str
     text_keys: str
     image_pixels: int | None = None  # image-to-video: a conditioning image of this many pixels per latent side
+    fixed_grid: tuple[int, int, int] | None = None  # the one latent F x H x W learned positions cover (5B-I2V)
+    max_grid: tuple[int, int] | None = None  # the largest latent H x W a position table covers (1.5's RoPE)
 
     def image_shape(self, latents: tuple[int, ...]) -> tuple[int, int, int] | None:
         """The conditioning image [3, H, W] a sample of these latents must carry (None: text-to-video)."""
@@ -95,6 +97,15 @@ class SampleShapes:
         if h % self.patch_size or w % self.patch_size:
             raise ShardError(shard, key, f"latent height x width {h}x{w} is not divisible by the "
                              f"model's patch_size {self.patch_size}")
+        if self.fixed_grid is not None and tuple(latents[1:]) != self.fixed_grid:
+            raise ShardError(shard, key, f"latents {list(latents)} are not the one grid the model's learned "
+                             f"positional embedding covers, {list(self.fixed_grid)} latent frames x height x width "
+                             f"({self.source}: sample_frames, sample_height, sample_width): pack the videos at the "
+                             f"model's clip")
+        if self.max_grid is not None and (h > self.max_grid[0] or w > self.max_grid[1]):
+            raise ShardError(shard, key, f"latent height x width {h}x{w} is beyond the model's rotary position "
+                             f"table, {self.max_grid[0]}x{self.max_grid[1]} ({self.source}: sample_height x "
+                             f"sample_width)")
         if tuple(prompt_embeds) != self.prompt_shape:
             raise ShardError(shard, key, f"prompt embeddings are {list(prompt_embeds)} but the model "
                              f"({self.source}) expects {list(self.prompt_shape)} ({self.text_keys})")

@@ -25,7 +25,7 @@ from trainer.errors import UserError
 from trainer.families import load_family
 from trainer.families.base import ImageConditioning, ModelFamily, VideoModel
 from trainer.parallel import ParallelLayout
-from trainer.process_env import env_world_size, share_cpu_threads
+from trainer.process_env import default_device, env_world_size, share_cpu_threads
 from trainer.resume import ResumePoint
 from trainer.shard_format import SampleShapes
 from trainer.shard_index import ShardIndex, build_index
@@ -119,14 +119,14 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
     watchdog.progress("preparing validation (T5 encodes the prompts)")
     validation = Validation.prepare(spec, plan.family, plan.shapes, plan.validation_shards, layout)
     dtype = PRECISIONS[spec.train.precision]
+    watchdog.progress("loading the conditioning images' encoder")  # before the transformer: a bad VAE ends it cheaply
+    conditioner = plan.family.image_conditioner(default_device(), dtype, spec.data.image_dropout)
     watchdog.progress("loading the transformer")
     model = plan.family.load(spec.lora, dtype, spec.model.gradient_checkpointing, spec.run.seed)
     watchdog.progress("building the DeepSpeed engine")
     engine = build_engine(spec, model, plan.ds_config)
     engine.train()  # diffusers' from_pretrained leaves the module in eval mode (LoRA dropout off)
     noise = torch.Generator(device=engine.device)
-    watchdog.progress("loading the conditioning images' encoder")
-    conditioner = plan.family.image_conditioner(engine.device, spec.data.image_dropout)
     timesteps = TimestepSampler(
         spec.train.timestep_sampling, seed=spec.run.seed, rank=layout.data_rank, world_size=layout.data_size,
         micro_batch=spec.data.micro_batch_size, accumulation=spec.train.gradient_accumulation_steps,

@@ -57,6 +57,9 @@ class Training(Protocol):
 def preflight_validation(spec: RunSpec, family: ModelFamily, shapes: SampleShapes) -> list[str]:
     """Check the validation section against the model directory; returns the held-out shards (maybe none)."""
     section = spec.validation
+    if section.images and not section.prompts:
+        raise UserError(f"validation.images: {len(section.images)} image(s) but no validation.prompts (an image-to-"
+                        f"video model samples one video per prompt, each from its image)")
     if section.prompts:
         family.check_sampling(section, lambda name: f"validation.{name}")
     if section.loss.shards is None:

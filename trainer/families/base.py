@@ -185,7 +185,7 @@ class ModelFamily(Protocol):
     def prompt_encoder(self, device: torch.device, dtype: torch.dtype) -> Callable[[str], torch.Tensor]: ...
     def image_encoder_parameters(self) -> int:
         """Parameters of the conditioning encoder every rank holds (0: none)."""
-    def image_conditioner(self, device: torch.device, dropout: float) -> ImageConditioning | None:
+    def image_conditioner(self, device: torch.device, dtype: torch.dtype, dropout: float) -> ImageConditioning | None:
         """What turns a micro-batch's conditioning images into the model's image latents (None: text-to-video)."""
 
     # the transformer

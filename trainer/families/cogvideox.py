@@ -29,7 +29,6 @@ from torch import nn
 
 import trainer.families.cogvideox_pipeline as media
 from trainer.diffusion import Objective
-from trainer.dtypes import encoding_dtype
 from trainer.errors import UserError
 from trainer.families.base import (
     NativeClip,
@@ -128,8 +127,13 @@ class CogVideoX:
             self.check_encoders("model.path", "training an image-to-video model", ("vae/config.json",))
         if self.variant.image_to_video:
             image = self._compression()[0] if self.dir is not None else 8  # CogVideoX's, from a config alone
+        # the latent grids the positions cover: 5B-I2V's learned embedding one, 1.5's RoPE table up to its size
+        fixed = ((cfg["sample_frames"] - 1) // cfg["temporal_compression_ratio"] + 1, cfg["sample_height"],
+                 cfg["sample_width"]) if self.variant.learned_positions else None
+        largest = (cfg["sample_height"], cfg["sample_width"]) if self.variant.version == "1.5" else None
         return SampleShapes(channels, cfg["max_text_seq_length"], cfg["text_embed_dim"], cfg["patch_size"],
-                            self._source(), key, "max_text_seq_length, text_embed_dim", image_pixels=image)
+                            self._source(), key, "max_text_seq_length, text_embed_dim", image_pixels=image,
+                            fixed_grid=fixed, max_grid=largest)
 
     def _vae_config(self) -> dict | None:
         path = self.model_dir / "vae" / "config.json"
@@ -228,11 +232,9 @@ class CogVideoX:
             model = AutoencoderKLCogVideoX.from_config(vae)
         return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.decoder.parameters())
 
-    def image_conditioner(self, device: torch.device, dropout: float) -> ImageConditioner | None:
+    def image_conditioner(self, device: torch.device, dtype: torch.dtype, dropout: float) -> ImageConditioner | None:
         """The VAE encoder that turns each step's conditioning images into image latents (None: text-to-video)."""
-        if not self.variant.image_to_video:
-            return None
-        return ImageConditioner(self.model_dir, device, encoding_dtype(device), dropout)
+        return ImageConditioner.load(self.model_dir, device, dtype, dropout) if self.variant.image_to_video else None
 
     # ---- the transformer
 

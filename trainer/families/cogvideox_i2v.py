@@ -22,6 +22,7 @@ generator, seeded by (seed, data-parallel rank, optimizer step): a resumed step 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,21 +35,46 @@ OFS = 2.0  # what CogVideoXImageToVideoPipeline passes where the transformer has
 
 
 class ImageConditioner:
-    """The model directory's VAE encoder on the training device: conditioning images -> image latents."""
+    """A CogVideoX VAE's encoder on the training device: conditioning images -> image latents."""
 
-    def __init__(self, model_dir: Path, device: torch.device, dtype: torch.dtype, dropout: float):
-        from diffusers import AutoencoderKLCogVideoX
-
-        vae = AutoencoderKLCogVideoX.from_pretrained(model_dir / "vae", dtype=dtype)
+    def __init__(self, vae: Any, device: torch.device, dtype: torch.dtype, dropout: float,
+                 tiling: bool = True):
         vae.decoder = None  # encoding only: the decoder is the larger half of the VAE
-        # In tiles above the VAE's tile size (240x360), as packing encodes the videos and validation's pipeline
-        # the image: a whole 768x1360 frame peaks at several GB beside the training state (bench/conditioning.py)
-        vae.enable_tiling()
-        self.vae = vae.to(device).eval().requires_grad_(False)
+        if tiling:
+            # In tiles above the VAE's tile size (240x360), as packing encodes the videos and validation's pipeline
+            # the image: a whole 768x1360 frame peaks at several GB beside the training state (bench/conditioning.py)
+            vae.enable_tiling()
+        self.vae = vae.to(device).eval().requires_grad_(False)  # in ``dtype`` already
         self.device, self.dtype, self.dropout = device, dtype, dropout
         config = vae.config
         # the pipeline's rule (prepare_latents): 1.5's VAE was trained on image latents divided by the factor
         self.scale = 1 / config.scaling_factor if config.invert_scale_latents else config.scaling_factor
+
+    @classmethod
+    def load(cls, model_dir: Path, device: torch.device, dtype: torch.dtype, dropout: float) -> ImageConditioner:
+        """The model directory's VAE, in ``dtype`` (the training precision: the pipeline encodes in its own)."""
+        from diffusers import AutoencoderKLCogVideoX
+
+        try:
+            vae = AutoencoderKLCogVideoX.from_pretrained(model_dir / "vae", dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"model.path: cannot load the VAE that encodes the conditioning images from "
+                            f"{model_dir / 'vae'} ({type(exc).__name__}: {exc})") from None
+        return cls(vae, device, dtype, dropout)
+
+    @classmethod
+    def from_config(cls, config: dict, device: torch.device, dtype: torch.dtype, tiling: bool) -> ImageConditioner:
+        """Random weights of a VAE config (bench/conditioning.py: the cost does not depend on them)."""
+        from diffusers import AutoencoderKLCogVideoX
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # "modules that should be kept in float32: []": there are none
+        try:
+            vae = AutoencoderKLCogVideoX.from_config(config).to(dtype)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        return cls(vae, device, dtype, 0.0, tiling)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
