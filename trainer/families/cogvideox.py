@@ -38,7 +38,7 @@ from trainer.families.base import (
     attach_lora,
     lora_config,
 )
-from trainer.families.cogvideox_i2v import OFS, ImageConditioner, check_images, image_inputs
+from trainer.families.cogvideox_i2v import OFS, ImageConditioner, check_images, encoder_parameters, image_inputs
 from trainer.media import to_uint8
 from trainer.shard_format import SampleShapes
 from trainer.spec import LoraSection, ValidationSection
@@ -224,13 +224,7 @@ class CogVideoX:
     def image_encoder_parameters(self) -> int:
         """Parameters of the VAE encoder image-to-video training holds on every rank (0: text-to-video)."""
         vae = self._vae_config() if self.variant.image_to_video else None
-        if vae is None:
-            return 0
-        from diffusers import AutoencoderKLCogVideoX
-
-        with torch.device("meta"):
-            model = AutoencoderKLCogVideoX.from_config(vae)
-        return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.decoder.parameters())
+        return 0 if vae is None else encoder_parameters(vae)
 
     def image_conditioner(self, device: torch.device, dtype: torch.dtype, dropout: float) -> ImageConditioner | None:
         """The VAE encoder that turns each step's conditioning images into image latents (None: text-to-video)."""

@@ -131,3 +131,12 @@ def check_images(prompts: list[str], images: list[str], image_to_video: bool, mo
         raise UserError(f"{field}: {model} samples from prompts alone; images are for image-to-video models")
     for path in images:
         read_image(Path(path), field)
+
+
+def encoder_parameters(vae_config: dict) -> int:
+    """Parameters of a CogVideoX VAE config's encoder half (counted on the meta device: no memory)."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    with torch.device("meta"):
+        vae = AutoencoderKLCogVideoX.from_config(vae_config)
+    return sum(p.numel() for p in vae.parameters()) - sum(p.numel() for p in vae.decoder.parameters())
