@@ -87,9 +87,8 @@ def check_first_sample(shards: list[str], shapes: SampleShapes) -> None:
         except ShardError:
             continue
         if sample is not None:
-            shapes.check(shard, sample.key, tuple(sample.latents.shape), tuple(sample.prompt_embeds.shape))
-            shapes.check_image(shard, sample.key, tuple(sample.latents.shape),
-                               None if sample.image is None else tuple(sample.image.shape))
+            shapes.check(shard, sample.key, tuple(sample.latents.shape), tuple(sample.prompt_embeds.shape),
+                         None if sample.image is None else tuple(sample.image.shape))
             return
 
 

@@ -66,8 +66,7 @@ class SampleShapes:
             return None
         return 3, latents[2] * self.image_pixels, latents[3] * self.image_pixels
 
-    def check_image(self, shard: str, key: str, latents: tuple[int, ...], image: tuple[int, ...] | None) -> None:
-        """Raise a ShardError if a sample's conditioning image (None: it has none) does not fit this model."""
+    def _check_image(self, shard: str, key: str, latents: tuple[int, ...], image: tuple[int, ...] | None) -> None:
         want = self.image_shape(latents)
         if want is None and image is not None:
             raise ShardError(shard, key, f"carries a conditioning image ({IMAGE}): it was packed for an image-to-"
@@ -86,8 +85,10 @@ class SampleShapes:
     def prompt_shape(self) -> tuple[int, int]:
         return self.text_len, self.text_dim
 
-    def check(self, shard: str, key: str, latents: tuple[int, ...], prompt_embeds: tuple[int, ...]) -> None:
-        """Raise a ShardError naming shard and key if a sample of these shapes cannot train this model."""
+    def check(self, shard: str, key: str, latents: tuple[int, ...], prompt_embeds: tuple[int, ...],
+              image: tuple[int, ...] | None = None) -> None:
+        """Raise a ShardError naming shard and key if a sample of these shapes (``image``: its conditioning
+        image's; None: it has none) cannot train this model."""
         if len(latents) != 4:
             raise ShardError(shard, key, f"latents have shape {list(latents)}, expected [C, F, H, W]")
         c, _, h, w = latents
@@ -109,6 +110,7 @@ class SampleShapes:
         if tuple(prompt_embeds) != self.prompt_shape:
             raise ShardError(shard, key, f"prompt embeddings are {list(prompt_embeds)} but the model "
                              f"({self.source}) expects {list(self.prompt_shape)} ({self.text_keys})")
+        self._check_image(shard, key, latents, image)
 
 
 @dataclass

@@ -152,10 +152,9 @@ def index_shard(path: str, shard_id: int, shapes: SampleShapes) -> tuple[list[Sa
                 latents = tensor_header(file.fileno(), members[LATENTS], path, key, LATENTS, "latents")
                 prompt = tensor_header(file.fileno(), members[PROMPT_EMBEDS], path, key, PROMPT_EMBEDS,
                                        "prompt_embeds")
-                shapes.check(path, key, latents.shape, prompt.shape)
                 image = tensor_header(file.fileno(), members[IMAGE], path, key, IMAGE, "image",
                                       IMAGE_DTYPES) if IMAGE in members else None
-                shapes.check_image(path, key, latents.shape, image and image.shape)
+                shapes.check(path, key, latents.shape, prompt.shape, image and image.shape)
                 # the metadata is small and never read in training: check it here, or a corrupt member would
                 # train unnoticed (and uncounted) whatever data.on_error says
                 meta = members[META]
