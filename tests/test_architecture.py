@@ -19,7 +19,8 @@ LAYERS = [
     ["process_env", "spec", "shard_format", "parallel", "diffusion", "watchdog", "media"],
     # 2: what the contracts are made into
     ["shard_index", "state", "families.base", "engine", "reporting.writers"],
-    ["families.cogvideox_pipeline", "families.cogvideox_i2v", "data", "checkpoint", "faults", "reporting.interval"],
+    ["families.cogvideox_pipeline", "families.cogvideox_i2v", "families.cogvideox_ulysses", "sequence", "data",
+     "checkpoint", "faults", "reporting.interval"],
     ["families.cogvideox", "resume", "sampling"],
     ["families", "costs", "reporting.run_dir"],  # families: the registry, above every family
     ["export", "reporting.startup_table"],

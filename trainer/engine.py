@@ -81,6 +81,16 @@ def assemble_config(spec: RunSpec, data_parallel: int) -> dict:
         enabled = config.get(name, {}).get("enabled", "auto")
         if enabled != "auto" and bool(enabled) != (precision == name):
             errors.append(f"{name}.enabled is {enabled!r} but train.precision is {precision!r}")
+    if spec.parallel.sequence > 1 and stage == 3:
+        # DeepSpeed 0.19's ZeRO-3 reduce-scatter divides the summed gradients by every rank, data- and sequence-
+        # parallel alike (coalesced_collectives.reduce_scatter_coalesced); its all-reduce path divides by the
+        # data-parallel ranks only, as ZeRO-2 does. A sequence group's ranks hold parts of one gradient, so
+        # only the latter is right: N times too small a gradient otherwise (tests/test_sequence.py sees it).
+        if config["zero_optimization"].get("reduce_scatter") is True:
+            errors.append("zero_optimization.reduce_scatter is true, but with parallel.sequence > 1 ZeRO-3 must "
+                          "all-reduce the gradients (its reduce-scatter averages them over the sequence ranks "
+                          "too): remove the key")
+        config["zero_optimization"]["reduce_scatter"] = False
     if errors:
         raise UserError(f"deepspeed.config: {path} contradicts the spec:\n  " + "\n  ".join(errors))
 
@@ -156,7 +166,8 @@ def init_distributed(timeout: timedelta) -> None:
     deepspeed.init_distributed(timeout=timeout)
 
 
-def build_engine(spec: RunSpec, module: nn.Module, config: dict) -> DeepSpeedEngine:
+def build_engine(spec: RunSpec, module: nn.Module, config: dict, mpu: object = None) -> DeepSpeedEngine:
+    """``mpu``: DeepSpeed's sequence-parallel groups (trainer/sequence.py), None without a split."""
     import deepspeed
 
     multiplier = lr_multiplier(spec.optim, spec.train.max_steps)
@@ -164,6 +175,7 @@ def build_engine(spec: RunSpec, module: nn.Module, config: dict) -> DeepSpeedEng
         model=module,
         model_parameters=[p for p in module.parameters() if p.requires_grad],
         config=config,
+        mpu=mpu,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier),
     )
     return engine

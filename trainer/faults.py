@@ -63,7 +63,8 @@ def decide(layout: ParallelLayout, device: torch.device, stop_requested: bool, t
     values = torch.tensor([stop_requested, time_due_on_rank0 and layout.is_main, data_faults, readable],
                           dtype=torch.int64, device=device)
     stop, time_due, faults, ok = layout.all_reduce_sum(values).tolist()  # sync point
-    return StepDecision(stop > 0, time_due > 0, faults, ok)
+    # the ranks of a sequence group read the same samples: count each once
+    return StepDecision(stop > 0, time_due > 0, faults // layout.sequence, ok // layout.sequence)
 
 
 def preempted(signum: int | None, optimizer_step: int, checkpoint: Path | None) -> Stopped:

@@ -327,7 +327,7 @@ def nonfinite_step(run: Run, out: StepOutput, optimizer_step: int, reporter: Rep
     as a numerical fault; under fp16 a skip with finite losses is the loss scaler backing off, not a fault."""
     bad = [f"{shard}:{key}" for loss, b in zip(torch.stack(out.micro_losses).tolist(), out.batches, strict=True)
            if not math.isfinite(loss) for shard, key in zip(b.shards, b.keys, strict=True)]
-    everyone = [key for keys in run.layout.all_gather(bad) for key in keys]
+    everyone = list(dict.fromkeys(key for keys in run.layout.all_gather(bad) for key in keys))  # once per group
     if not everyone and run.spec.train.precision == "fp16":
         return False
     reporter.event(optimizer_step, "nonfinite", f"optimizer step {optimizer_step} skipped: non-finite "
@@ -339,8 +339,9 @@ def nonfinite_step(run: Run, out: StepOutput, optimizer_step: int, reporter: Rep
 def data_faults(run: Run, local: list[ShardError], optimizer_step: int, reporter: Reporter) -> None:
     """Samples that could not be read this step, on any rank: reported by rank 0, or under data.on_error=fail
     raised on every rank (the step in flight trained on zeros in their place; nothing is saved after it)."""
-    everyone = [ShardError(*f) for faults in run.layout.all_gather([(f.shard, f.key, f.problem) for f in local])
-                for f in faults]
+    gathered = run.layout.all_gather([(f.shard, f.key, f.problem) for f in local])
+    everyone = [ShardError(*f) for f in dict.fromkeys(f for faults in gathered for f in faults)]  # a sequence
+    # group's ranks read the same samples: each fault once
     if run.spec.data.on_error == "fail":
         everyone[0].on_every_rank = True
         raise everyone[0]

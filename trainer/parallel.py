@@ -3,8 +3,8 @@
 The world is data-parallel x sequence-parallel. Rank r belongs to data-parallel rank r // S and sequence
 rank r % S, where S is the sequence-parallel size: the S ranks of one sequence group are consecutive (one
 node holds whole groups, so their all-to-alls stay on its links) and train the same micro-batch; data
-order, timesteps, noise and the batch arithmetic follow the data-parallel rank. S is 1 for now: every rank is
-a data-parallel rank, and the sequence groups are single ranks.
+order, timesteps, noise and the batch arithmetic follow the data-parallel rank. S is the spec's
+parallel.sequence (1: every rank is a data-parallel rank); trainer/sequence.py builds the groups' collectives.
 
 Everything else asks this object, never torch.distributed, for ranks and sizes; the collectives here run over
 the whole world and must be called by every rank.
@@ -29,8 +29,9 @@ class ParallelLayout:
 
     def __post_init__(self) -> None:
         if self.sequence < 1 or self.world_size % self.sequence:
-            raise UserError(f"the world of {self.world_size} rank(s) cannot be split into sequence-parallel groups "
-                            f"of {self.sequence}: the number of ranks must be a multiple of it")
+            raise UserError(f"parallel.sequence: the world of {self.world_size} rank(s) cannot be split into "
+                            f"sequence-parallel groups of {self.sequence}: the number of ranks must be a multiple "
+                            f"of it")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside a world of {self.world_size}")
 

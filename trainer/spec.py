@@ -103,6 +103,13 @@ class TrainSection(_Section):
     max_consecutive_nonfinite: int = Field(5, gt=0)
 
 
+class ParallelSection(_Section):
+    # Sequence parallelism (DeepSpeed-Ulysses, trainer/sequence.py): this many consecutive ranks train one
+    # micro-batch together, each holding 1/N of its video tokens; attention exchanges them for 1/N of the heads.
+    # The ranks must be a multiple of it, and it must divide the heads and every sample's video tokens.
+    sequence: int = Field(1, ge=1)
+
+
 class DeepSpeedSection(_Section):
     # A shipped config by name (zero2, zero3, zero3_offload) or a path to a DeepSpeed JSON file.
     config: str | None = None
@@ -169,6 +176,7 @@ class RunSpec(_Section):
     data: DataSection
     optim: OptimSection = OptimSection()
     train: TrainSection
+    parallel: ParallelSection = ParallelSection()
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     checkpoint: CheckpointSection = CheckpointSection()
     logging: LoggingSection = LoggingSection()
@@ -179,6 +187,12 @@ class RunSpec(_Section):
         if self.optim.warmup_steps > self.train.max_steps:
             raise ValueError(
                 f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds train.max_steps ({self.train.max_steps})"
+            )
+        if self.parallel.sequence > 1 and self.lora.dropout:
+            raise ValueError(
+                f"lora.dropout ({self.lora.dropout}) with parallel.sequence {self.parallel.sequence}: the ranks of "
+                f"a sequence group each hold the prompt's tokens, and dropout would mask them differently on each; "
+                f"use lora.dropout 0 with sequence parallelism"
             )
         return self
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer import resume
+from trainer import resume, sequence
 from trainer.costs import CostModel, device_peak_tflops
 from trainer.data import check_first_sample, check_latent_scale, resolve_shards
 from trainer.diffusion import Objective, TimestepSampler
@@ -27,6 +27,7 @@ from trainer.families.base import ImageConditioning, ModelFamily, VideoModel
 from trainer.parallel import ParallelLayout
 from trainer.process_env import default_device, env_world_size, share_cpu_threads
 from trainer.resume import ResumePoint
+from trainer.sequence import check_heads, check_index
 from trainer.shard_format import SampleShapes
 from trainer.shard_index import ShardIndex, build_index
 from trainer.spec import RunSpec
@@ -63,7 +64,9 @@ def preflight(spec: RunSpec) -> Plan:
     check_latent_scale(shards, family.latent_scale(), family.model_dir)
     validation_shards = preflight_validation(spec, family, shapes)
     world_size = env_world_size()
-    ds_config = assemble_config(spec, ParallelLayout(world_size).data_size)
+    layout = ParallelLayout(world_size, sequence=spec.parallel.sequence)  # refuses a world it cannot split
+    check_heads(family.structure().heads, layout.sequence, family.describe())
+    ds_config = assemble_config(spec, layout.data_size)
     point = resume.plan(spec, world_size, ds_config)
     return Plan(family, shapes, objective, shards, ds_config, point, validation_shards)
 
@@ -96,7 +99,7 @@ class Run:
 def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
     # start-up's collectives wait as long as start-up may take; trainer/loop.py shortens it after the first step
     init_distributed(timedelta(seconds=spec.run.startup_timeout_s + STARTUP_COLLECTIVE_MARGIN_S))
-    layout = ParallelLayout.from_process_group()
+    layout = ParallelLayout.from_process_group(spec.parallel.sequence)
     watchdog = Watchdog(spec.run.startup_timeout_s, spec.run.collective_timeout_s, layout.rank, layout.world_size,
                         RollCall.of_process_group(layout.rank, layout.world_size))
     watchdog.start()
@@ -115,6 +118,7 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
         raise UserError(f"data.shards: no usable sample in {len(plan.shards)} shard(s) ({len(index.faults)} "
                         f"problem(s); the first: {index.faults[0] if index.faults else 'none'})")
     resume.confirm_samples(plan.resume, index.fingerprint())
+    check_index(index, plan.family, layout.sequence, "data.shards")
     # before the transformer is loaded: T5 comes and goes while the device is still empty
     watchdog.progress("preparing validation (T5 encodes the prompts)")
     validation = Validation.prepare(spec, plan.family, plan.shapes, plan.validation_shards, layout)
@@ -123,8 +127,11 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
     conditioner = plan.family.image_conditioner(default_device(), dtype, spec.data.image_dropout)
     watchdog.progress("loading the transformer")
     model = plan.family.load(spec.lora, dtype, spec.model.gradient_checkpointing, spec.run.seed)
+    mpu, exchange = sequence.join(layout)
+    if exchange is not None:
+        plan.family.split_sequence(model.transformer, exchange)
     watchdog.progress("building the DeepSpeed engine")
-    engine = build_engine(spec, model, plan.ds_config)
+    engine = build_engine(spec, model, plan.ds_config, mpu)
     engine.train()  # diffusers' from_pretrained leaves the module in eval mode (LoRA dropout off)
     noise = torch.Generator(device=engine.device)
     timesteps = TimestepSampler(

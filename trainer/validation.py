@@ -32,6 +32,7 @@ from trainer.parallel import ParallelLayout
 from trainer.reporting.writers import Reporter
 from trainer.rng import Stream, derive_seed
 from trainer.sampling import encode_prompts, video_names, write_prompt_list
+from trainer.sequence import check_index, check_split
 from trainer.shard_format import SampleShapes, ShardError
 from trainer.shard_index import ShardIndex, build_index
 from trainer.spec import RunSpec
@@ -61,7 +62,11 @@ def preflight_validation(spec: RunSpec, family: ModelFamily, shapes: SampleShape
         raise UserError(f"validation.images: {len(section.images)} image(s) but no validation.prompts (an image-to-"
                         f"video model samples one video per prompt, each from its image)")
     if section.prompts:
-        family.check_sampling(section, lambda name: f"validation.{name}")
+        clip = family.check_sampling(section, lambda name: f"validation.{name}")
+        latents = family.latent_shape(clip.num_frames, clip.height, clip.width, lambda name: f"validation.{name}")
+        check_split(family.structure().video_tokens(latents), spec.parallel.sequence,
+                    f"the validation videos' {clip.num_frames}x{clip.height}x{clip.width} clip (validation.num_frames, "
+                    f"height, width)")
     if section.loss.shards is None:
         return []
     shards = resolve_shards(section.loss.shards, "validation.loss.shards")
@@ -160,6 +165,8 @@ class Validation:
                             gather=layout.all_gather) if loss_shards else None
         if index is not None and not index.samples:
             raise UserError(f"validation.loss.shards: no usable sample ({index.faults[0] if index.faults else ''})")
+        if index is not None:
+            check_index(index, family, layout.sequence, "validation.loss.shards")
         images = [read_image(Path(path), "validation.images") for path in section.images]
         return cls(spec, embeds, negative, index, shapes, images)
 

@@ -33,12 +33,14 @@ from trainer.errors import UserError
 from trainer.families.base import (
     NativeClip,
     SampleSettings,
+    SequenceExchange,
     TransformerStructure,
     VideoModel,
     attach_lora,
     lora_config,
 )
 from trainer.families.cogvideox_i2v import OFS, ImageConditioner, check_images, encoder_parameters, image_inputs
+from trainer.families.cogvideox_ulysses import split_sequence
 from trainer.media import to_uint8
 from trainer.shard_format import SampleShapes
 from trainer.spec import LoraSection, ValidationSection
@@ -299,6 +301,9 @@ class CogVideoX:
             outside={"patch_embed.proj": "video", "patch_embed.text_proj": "text", "proj_out": "video"},
             trained_stream=("proj_out",), saved_hidden_wide=8, saved_ff_wide=1, saved_stats_bytes=8 * (2 + 2 * heads),
             rope=bool(cfg.get("use_rotary_positional_embeddings")), video_tokens=self.video_tokens)
+
+    def split_sequence(self, transformer: nn.Module, exchange: SequenceExchange) -> None:
+        split_sequence(transformer, exchange)
 
     # ---- sampling and the LoRA file
 

@@ -41,6 +41,10 @@ def print_startup(reporter: Reporter, *, spec: RunSpec, layout: ParallelLayout, 
                   f"{engine.gradient_accumulation_steps()} x {layout.data_size} rank(s) = "
                   f"{engine.train_batch_size()} samples per optimizer step"),
         ("tokens per sample", tokens),
+        *([("parallel", f"{layout.data_size} data-parallel x {layout.sequence} sequence-parallel (DeepSpeed-Ulysses): "
+                        f"each rank of a group holds 1/{layout.sequence} of a sample's video tokens, and all-to-alls "
+                        f"them for 1/{layout.sequence} of the heads in every attention")]
+          if layout.sequence > 1 else []),
         ("data", f"{len(index.samples):,} samples in {shards} shard(s)"),
         *([("conditioning", f"first frame, noised (sigma = exp(N(-3, 0.5))) and VAE-encoded each step on "
                             f"{engine.device.type}; dropout {spec.data.image_dropout:g}")]
