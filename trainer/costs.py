@@ -169,10 +169,15 @@ class CostModel:
             groups.setdefault(block, []).append(layer)
         return groups
 
-    def block_activation_bytes(self, latent_shape: tuple[int, ...], dtype_bytes: int) -> float:
-        """Bytes autograd keeps for one block's backward pass, for one sample."""
+    def _local_tokens(self, latent_shape: tuple[int, ...], sequence: int) -> int:
+        """Tokens a rank holds through a block: its 1/N of the video tokens and the whole prompt."""
+        return self.video_tokens(latent_shape) // sequence + self.text_len
+
+    def block_activation_bytes(self, latent_shape: tuple[int, ...], dtype_bytes: int, sequence: int = 1) -> float:
+        """Bytes autograd keeps for one block's backward pass, for one sample, on one rank of a sequence group
+        of ``sequence`` (1: no split)."""
         st = self.structure
-        seq = self.video_tokens(latent_shape) + self.text_len
+        seq = self._local_tokens(latent_shape, sequence)
         block = seq * (dtype_bytes * (st.saved_hidden_wide * self.hidden + st.saved_ff_wide * self.ff_inner)
                        + st.saved_stats_bytes)
         inputs: dict[str, int] = {}
@@ -187,24 +192,52 @@ class CostModel:
                     inputs["attention" if slot in st.attention_inputs else slot] = layer.fan_in
         return block + seq * dtype_bytes * sum(inputs.values())
 
-    def saved_activation_bytes(self, latent_shape: tuple[int, ...], dtype_bytes: int, checkpointing: bool) -> float:
+    def saved_activation_bytes(self, latent_shape: tuple[int, ...], dtype_bytes: int, checkpointing: bool,
+                               sequence: int = 1) -> float:
         """Bytes kept from the forward pass to the backward pass, for one sample; with gradient checkpointing
         only each block's input."""
-        seq = self.video_tokens(latent_shape) + self.text_len
+        seq = self._local_tokens(latent_shape, sequence)
         stream = seq * self.hidden * dtype_bytes  # the hidden states between blocks
         if checkpointing:  # each block's input, plus the embeddings and the final norm's input
             return (self.layers + 2) * stream
-        rope = self.video_tokens(latent_shape) * self.head_dim * 2 * 4 if self.structure.rope else 0  # fp32 cos, sin
-        return stream + rope + self.layers * self.block_activation_bytes(latent_shape, dtype_bytes)
+        video = self.video_tokens(latent_shape) // sequence
+        rope = video * self.head_dim * 2 * 4 if self.structure.rope else 0  # fp32 cos, sin
+        return stream + rope + self.layers * self.block_activation_bytes(latent_shape, dtype_bytes, sequence)
 
-    def activation_bytes(self, latent_shape: tuple[int, ...], dtype_bytes: int, checkpointing: bool) -> float:
+    def activation_bytes(self, latent_shape: tuple[int, ...], dtype_bytes: int, checkpointing: bool,
+                         sequence: int = 1) -> float:
         """At the start of the backward pass, for one sample: what the forward pass kept, and with
         checkpointing the one block being recomputed."""
-        recomputed = self.block_activation_bytes(latent_shape, dtype_bytes) if checkpointing else 0
-        return self.saved_activation_bytes(latent_shape, dtype_bytes, checkpointing) + recomputed
+        recomputed = self.block_activation_bytes(latent_shape, dtype_bytes, sequence) if checkpointing else 0
+        return (self.saved_activation_bytes(latent_shape, dtype_bytes, checkpointing, sequence) + recomputed
+                + self.backward_buffer_bytes(latent_shape, dtype_bytes, sequence))
+
+    def backward_buffer_bytes(self, latent_shape: tuple[int, ...], dtype_bytes: int, sequence: int = 1) -> float:
+        """The gradients in flight at the backward pass's peak, for one sample: the feed-forward's (one
+        FF-wide tensor) and two hidden-wide ones of the block being differentiated (bench/sequence.py: within
+        5 % of the measured peak above the saved activations, with checkpointing and without)."""
+        return self._local_tokens(latent_shape, sequence) * dtype_bytes * (self.ff_inner + 2 * self.hidden)
+
+    def exchange_bytes(self, latent_shape: tuple[int, ...], dtype_bytes: int, checkpointing: bool,
+                       sequence: int) -> float:
+        """Bytes one rank of a sequence group sends in one micro-step (forward, recomputation, backward):
+        per block, q, k and v to the head split and the output back (all-to-alls: (N-1)/N of the rank's
+        video tokens each way), the prompt's output gathered over heads; once, the output gathered."""
+        if sequence == 1:
+            return 0.0
+        n, video = sequence, self.video_tokens(latent_shape)
+        local_video = video // n * self.hidden * dtype_bytes  # one hidden-wide tensor of the rank's video tokens
+        text_heads = self.text_len * self.hidden // n * dtype_bytes
+        to_heads, back = 3 * local_video * (n - 1) / n, local_video * (n - 1) / n
+        prompt = text_heads * (n - 1)  # all-gather forward; its backward all-to-alls the gradient: the same bytes
+        forward = to_heads + back + prompt
+        backward = to_heads + back + prompt  # each all-to-all's gradient goes back the way it came
+        output = next(m.fan_out for m in self.linears if m.name == self.structure.trained_stream[0])
+        out = output * video // n * dtype_bytes * (n - 1)  # the output projection's, gathered: forward only
+        return self.layers * (forward * (2 if checkpointing else 1) + backward) + out
 
     def memory(self, latent_shape: tuple[int, ...], micro_batch: int, zero: ZeroSettings, dtype_bytes: int,
-               checkpointing: bool) -> MemoryEstimate:
+               checkpointing: bool, sequence: int = 1) -> MemoryEstimate:
         world, lora = zero.world_size, self.params_lora
         est = MemoryEstimate()
         device, host = est.parts, est.host
@@ -238,7 +271,7 @@ class CostModel:
             device["gradient reduce buckets"] = zero.reduce_bucket_size * dtype_bytes * buffers
         else:
             device["gradient reduce buckets"] = min(zero.reduce_bucket_size, lora) * dtype_bytes
-        act = self.activation_bytes(latent_shape, dtype_bytes, checkpointing)
+        act = self.activation_bytes(latent_shape, dtype_bytes, checkpointing, sequence)
         device["activations"] = micro_batch * act
         return est
 

@@ -11,6 +11,7 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from trainer.costs import CostModel, ZeroSettings
 from trainer.dtypes import PRECISIONS
@@ -86,7 +87,7 @@ def packed_yet(shards: str | list[str]) -> bool:
 
 def zero_settings(spec: RunSpec, world_size: int) -> dict[int, ZeroSettings]:
     """The spec's own DeepSpeed config for its stage (first), the shipped one for the other stage."""
-    config = assemble_config(spec, ParallelLayout(world_size).data_size)
+    config = assemble_config(spec, ParallelLayout(world_size, sequence=spec.parallel.sequence).data_size)
     ours = ZeroSettings.from_config(config, world_size)
     other = 3 if ours.stage == 2 else 2
     theirs = ZeroSettings.from_config(load_base_config(SHIPPED_CONFIGS / f"zero{other}.json"), world_size)
@@ -100,6 +101,8 @@ def dry_run(spec: RunSpec, world_size: int, videos: list[str]) -> None:
     micro, accumulation = spec.data.micro_batch_size, spec.train.gradient_accumulation_steps
     dtype_bytes = PRECISIONS[spec.train.precision].itemsize
     checkpointing = spec.model.gradient_checkpointing
+    layout = ParallelLayout(world_size, sequence=spec.parallel.sequence)  # refuses a world it cannot split
+    sequence = layout.sequence
     console = make_console()
     console.rule("resolved spec")
     console.print(spec.to_yaml(), markup=False, highlight=False)
@@ -107,9 +110,10 @@ def dry_run(spec: RunSpec, world_size: int, videos: list[str]) -> None:
             ("parameters", f"{costs.params_frozen:,} frozen + {costs.params_lora:,} LoRA trainable "
                            f"({100 * costs.params_lora / costs.params_frozen:.2f}%; rank {spec.lora.rank} on "
                            f"{', '.join(spec.lora.target_modules)})"),
-            ("batch", f"micro {micro} x accumulation {accumulation} x {world_size} rank(s) = "
-                      f"{micro * accumulation * world_size} samples per optimizer step"),
-            ("ranks", f"{world_size} (--ranks N plans for another number)")]
+            ("batch", f"micro {micro} x accumulation {accumulation} x {layout.data_size} data-parallel rank(s) = "
+                      f"{micro * accumulation * layout.data_size} samples per optimizer step"),
+            ("ranks", f"{world_size} (--ranks N plans for another number)"
+                      + (f": {layout.data_size} data-parallel x {sequence} sequence-parallel" if sequence > 1 else ""))]
     print_table(console, "run", rows)
 
     largest = max(shapes, key=costs.video_tokens)
@@ -128,7 +132,7 @@ def dry_run(spec: RunSpec, world_size: int, videos: list[str]) -> None:
     console.print(f"[bold]memory per rank[/bold], MiB, for {micro} sample(s) of latents "
                   f"{'x'.join(map(str, largest))} at {spec.train.precision} (the largest shape)")
     settings = zero_settings(spec, world_size)
-    estimates = {(stage, ckpt): costs.memory(largest, micro, zero, dtype_bytes, ckpt)
+    estimates = {(stage, ckpt): costs.memory(largest, micro, zero, dtype_bytes, ckpt, sequence)
                  for stage, zero in settings.items() for ckpt in (False, True)}
     columns = [(stage, ckpt) for stage in (2, 3) for ckpt in (False, True)]
     memory = table(header=[""] + [f"ZeRO-{stage}\ncheckpointing {'on' if ckpt else 'off'}"
@@ -142,11 +146,35 @@ def dry_run(spec: RunSpec, world_size: int, videos: list[str]) -> None:
     console.print(memory)
     console.print("* this spec. Not counted: the framework's own buffers and the allocator's slack (on a GPU, "
                   "CUDA context and caching: leave 10-20%).")
+    print_sequence_table(console, costs, family, largest, micro, dtype_bytes, checkpointing, sequence)
     if family.image_to_video:
         encoder = family.image_encoder_parameters()
         console.print(f"image-to-video, also not counted: the conditioning VAE encoder on every rank, {encoder:,} "
                       f"parameters ({_mib(2 * encoder)} MiB in bf16), and its tiled encode of one frame per sample "
                       f"(bench/conditioning.py measures it; README \"Image-to-video\").")
+
+
+def print_sequence_table(console: Any, costs: CostModel, family: ModelFamily, shape: tuple[int, ...], micro: int,
+                         dtype_bytes: int, checkpointing: bool, chosen: int) -> None:
+    """Activations per rank and what each rank sends, for sequence groups of 1, 2, 4, 8 and the spec's own
+    (parallel.sequence; trainer/sequence.py), where the heads and the video tokens split."""
+    tokens, heads = costs.video_tokens(shape), costs.heads
+    rows = []
+    for n in sorted({1, 2, 4, 8, chosen}):
+        fits = [why for why, ok in ((f"{heads} heads", heads % n == 0), (f"{tokens:,} video tokens", tokens % n == 0))
+                if not ok]
+        if fits:
+            rows.append((f"{n}{' *' if n == chosen else ''}", "", "", f"does not divide the {' or '.join(fits)}"))
+            continue
+        act = micro * costs.activation_bytes(shape, dtype_bytes, checkpointing, n)
+        sent = micro * costs.exchange_bytes(shape, dtype_bytes, checkpointing, n)
+        rows.append((f"{n}{' *' if n == chosen else ''}", _mib(act), _mib(sent),
+                     f"{tokens // n:,} video + {costs.text_len} text tokens a rank"))
+    print_table(console, f"sequence parallelism (parallel.sequence): per rank, {micro} sample(s) of latents "
+                         f"{'x'.join(map(str, shape))}, checkpointing {'on' if checkpointing else 'off'}",
+                rows, header=["ranks per sample", "activations MiB", "all-to-all MiB sent a micro-step", ""])
+    console.print("* this spec. The all-to-alls run inside each sequence group: keep a group within a node "
+                  "(README \"Sequence parallelism\"); the gradients' reduction crosses nodes as without it.")
 
 
 def _named(label: str) -> Callable[[str], str]:
