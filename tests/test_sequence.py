@@ -13,6 +13,7 @@ stay within 1e-5 of the unsplit run's.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from helpers import REPO, read_metrics, run_train, train_env, zero_config
+from helpers import REPO, read_metrics, run_python, run_train, train_env, zero_config
 from test_i2v_e2e import first_frames
 from trainer.errors import UserError
 from trainer.media import read_mp4
@@ -183,3 +184,42 @@ def test_shards_whose_tokens_do_not_split_are_named(tiny_5b, tmp_path):
     assert message.startswith("parallel.sequence: 2 does not divide the 105 video tokens of data.shards: shard ")
     assert f"{odd[0]}, sample 'synth000000' (latents [4, 3, 10, 14]; 2 more sample(s) of that shape)" in message
     assert "splits over 3, 5, 7, 15 rank(s)" in message
+
+
+def test_the_planner_prints_each_group_sizes_activations_and_traffic():
+    """--dry-run on the published CogVideoX1.5-5B config, 16 ranks as 2 nodes x 8 with parallel.sequence 8: the
+    batch counts 2 data-parallel ranks, and the sequence table gives per-rank
+    activations falling with N (the prompt and the output stay whole) and the all-to-all bytes, equal to the
+    cost model's; CogVideoX-5b's 17,550 tokens do not split over 4 or 8."""
+    from trainer.costs import CostModel
+    from trainer.families import load_family
+    from trainer.spec import LoraSection
+
+    def dry_run(model, *sets):
+        proc = run_python("launch/train.py", "--spec", "examples/cogvideox1.5-5b-lora.yaml", "--dry-run", "--ranks",
+                          "16", "--set", f"model.path={REPO / 'tests' / 'configs' / model}",
+                          *[a for s in sets for a in ("--set", s)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    out = dry_run("cogvideox1.5-5b", "parallel.sequence=8")
+    assert "micro 1 x accumulation 1 x 2 data-parallel rank(s) = 2 samples per optimizer step" in out
+    assert "16 (--ranks N plans for another number): 2 data-parallel x 8 sequence-parallel" in out
+    family = load_family(str(REPO / "tests" / "configs" / "cogvideox1.5-5b"), weights=False)
+    costs, shape = CostModel(family, LoraSection(rank=128)), (16, 21, 96, 170)
+    activations = {}
+    for n in (1, 2, 4, 8):
+        act, sent = row(out, f"{n} *" if n == 8 else str(n))[:2]
+        activations[n] = act
+        assert act == pytest.approx(costs.activation_bytes(shape, 2, True, n) / 2**20, abs=0.1)
+        assert sent == pytest.approx(costs.exchange_bytes(shape, 2, True, n) / 2**20, abs=0.1)
+    assert activations[8] < activations[4] < activations[2] < 0.51 * activations[1]
+    assert activations[8] < 0.14 * activations[1]
+    out = dry_run("cogvideox-5b", "parallel.sequence=2", "data.shards=nowhere")
+    assert re.search(r"^\s*4\s+does not divide the 17,550 video tokens", out, re.MULTILINE)
+
+
+def row(text: str, name: str) -> list[float]:
+    match = re.search(rf"^\s*{re.escape(name)}\s+([\d,.]+)\s+([\d,.]+)", text, re.MULTILINE)
+    assert match, text
+    return [float(v.replace(",", "")) for v in match.groups()]

@@ -108,6 +108,20 @@ def test_a_signalled_job_saves_requeues_resumes_and_ends_equal(cluster, uninterr
     assert_same_run(run_dir, reference)
 
 
+def test_the_sbatch_script_takes_a_sequence_group_and_says_when_it_spans_nodes(cluster, tiny_5b, shards_10, tmp_path):
+    """parallel.sequence through the sbatch script's --set: the two srun tasks train one sample together; with
+    one task a node the group spans both nodes, which the trainer warns about (its all-to-alls cross the
+    network) and still trains."""
+    run_dir, log = tmp_path / "run", tmp_path / "job.log"
+    args = [*train_args(tiny_5b, shards_10, run_dir), "--set", "train.max_steps=20", "--set", "lora.dropout=0.0",
+            "--set", "parallel.sequence=2"]
+    text = finished(*[submit(cluster, "launch/slurm/train.sbatch", log, *args)[0]], log)
+    assert "1 data-parallel x 2 sequence-parallel" in text
+    assert "parallel.sequence 2 with 1 rank(s) on this node: a sequence group spans nodes" in text
+    assert [m["optimizer_step"] for m in read_metrics(run_dir)] == list(range(1, 21))
+    assert all(t.isfinite().all() for t in lora(run_dir).values()) and "ranks exited with status 0" in text
+
+
 def test_the_packing_script_packs_on_two_nodes_like_one_process(cluster, tiny_5b, videos, tmp_path):
     args = ["--input", str(videos), "--model", str(tiny_5b), "--frames", "9", "--height", "96", "--width", "128",
             "--shard-size", "2", "--device", "cpu"]
