@@ -95,15 +95,8 @@ def test_image_to_video_sigkill_then_resume_is_bitwise(tiny_15_i2v, packed_15_i2
     and its held-out loss from fixed seeds: a killed and rerun run ends equal to the uninterrupted one (ZeRO-2,
     image dropout 0.5 so that the dropout draws matter, the held-out loss every step)."""
     config, extra = zero_config(tmp_path, 2), ("data.image_dropout=0.5", "validation.prompts=[]")
-    ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"
-    proc = run_train(REPO / "examples" / "tiny.yaml", ranks=2,
-                     overrides=overrides(tiny_15_i2v, packed_15_i2v, ref_dir, config, *extra))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "CogVideoX 1.5 image-to-video" in proc.stderr
-    sigkill_after_step_4s_checkpoint(overrides(tiny_15_i2v, packed_15_i2v, run_dir, config, *extra), run_dir)
-    assert_same_run(run_dir, ref_dir)
-    ours, theirs = read_metrics(run_dir, validation=True), read_metrics(ref_dir, validation=True)
-    assert [m["val_loss"] for m in ours] == [m["val_loss"] for m in theirs] and len(theirs) == STEPS
+    ref_dir = killed_and_rerun_ends_equal(tiny_15_i2v, packed_15_i2v, tmp_path, config, extra,
+                                          "CogVideoX 1.5 image-to-video")
     # and the held-out loss, which encodes images too, leaves no trace: the same run without it ends equal
     quiet = tmp_path / "without-validation"
     proc = run_train(REPO / "examples" / "tiny.yaml", ranks=2, overrides=(
@@ -119,15 +112,22 @@ def test_sequence_parallel_sigkill_then_resume_is_bitwise(tiny_5b, shards_10, tm
     killed and rerun run ends equal to the uninterrupted one, held-out losses included (no LoRA dropout: it is
     refused with sequence parallelism)."""
     config, extra = zero_config(tmp_path, 3), ("parallel.sequence=2", "lora.dropout=0.0", "validation.prompts=[]")
+    killed_and_rerun_ends_equal(tiny_5b, shards_10, tmp_path, config, extra, "1 data-parallel x 2 sequence-parallel")
+
+
+def killed_and_rerun_ends_equal(model, shards, tmp_path, config, extra, says: str) -> Path:
+    """The uninterrupted run (which prints ``says``), and the same run SIGKILLed after step 4's checkpoint and
+    rerun: the same LoRA, losses and held-out losses. Returns the uninterrupted run's directory."""
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"
-    proc = run_train(REPO / "examples" / "tiny.yaml", ranks=2,
-                     overrides=overrides(tiny_5b, shards_10, ref_dir, config, *extra))
+    proc = run_train(REPO / "examples" / "tiny.yaml", ranks=2, overrides=overrides(model, shards, ref_dir, config,
+                                                                                    *extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "1 data-parallel x 2 sequence-parallel" in proc.stderr
-    sigkill_after_step_4s_checkpoint(overrides(tiny_5b, shards_10, run_dir, config, *extra), run_dir)
+    assert says in proc.stderr
+    sigkill_after_step_4s_checkpoint(overrides(model, shards, run_dir, config, *extra), run_dir)
     assert_same_run(run_dir, ref_dir)
     ours, theirs = read_metrics(run_dir, validation=True), read_metrics(ref_dir, validation=True)
     assert [m["val_loss"] for m in ours] == [m["val_loss"] for m in theirs] and len(theirs) == STEPS
+    return ref_dir
 
 
 def test_sigterm_saves_at_the_step_it_arrives_and_the_rerun_finishes_equal(reference, tiny_5b, shards_10, tmp_path):
@@ -235,6 +235,32 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_and_back(tiny_5b, shards_10, 
     # the lr scheduler went through both universal loads: no second warmup (2 steps to 1e-2, then constant)
     assert [m["lr"] for m in metrics] == pytest.approx([5e-3] + [1e-2] * 8)
     assert all(m["loss"] == m["loss"] for m in metrics)  # finite after each switch
+
+
+def test_a_sequence_parallel_checkpoint_resumes_on_another_number_of_ranks(tiny_5b, shards_10, tmp_path):
+    """2 ranks as one sequence group, then 1 rank, then the group again (one data-parallel rank throughout, so
+    the same samples, timesteps and noise): DeepSpeed's universal conversion and loading go through the sequence
+    groups' checkpoints (they once recorded a tensor-parallel degree of 2 over one model file, which the
+    conversion refused), and every step's loss is the uninterrupted 1-rank run's within the split's 1e-5."""
+    run_dir, ref_dir, config = tmp_path / "run", tmp_path / "reference", zero_config(tmp_path, 2)
+
+    def leg(out: Path, ranks: int, steps: int) -> subprocess.CompletedProcess:
+        args = overrides(tiny_5b, shards_10, out, config, f"train.max_steps={steps}", "train.precision=fp32",
+                         f"parallel.sequence={ranks}", "lora.dropout=0.0", "validation.prompts=[]",
+                         "validation.loss.shards=null", "checkpoint.every_steps=2", "optim.schedule=constant")
+        proc = run_train(REPO / "examples" / "tiny.yaml", ranks=ranks, overrides=args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    for ranks, steps in ((2, 4), (1, 6), (2, 8)):
+        proc = leg(run_dir, ranks, steps)
+        assert steps == 4 or "(another number of ranks: universal checkpoint)" in proc.stderr
+    leg(ref_dir, 1, 8)
+    ours, theirs = read_metrics(run_dir), read_metrics(ref_dir)
+    assert [m["optimizer_step"] for m in ours] == list(range(1, 9))
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert mine["samples_seen"] == reference["samples_seen"]
+        assert mine["loss"] == pytest.approx(reference["loss"], rel=1e-5)
 
 
 def test_time_based_checkpoints(tiny_5b, shards_10, tmp_path):

@@ -44,6 +44,7 @@ def test_a_split_micro_step_equals_the_whole_models(request, tmp_path):
                           env=train_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
+    assert report.pop("all_valid") == [True, False, True]  # rank 1 could not read the second sample
     assert list(report) == [m.name for m in models]
     for flavour, found in report.items():
         assert found["output"] == 0.0 and found["loss"] == 0.0, (flavour, found)
@@ -145,7 +146,7 @@ def test_bad_layouts_are_refused_before_any_work(tiny_5b, shards_5b, tmp_path):
 def test_lora_dropout_and_a_zero3_reduce_scatter_are_refused(tiny_5b, tmp_path):
     """LoRA dropout would mask the prompt's tokens, which every rank of a group holds, differently on each; and
     DeepSpeed's ZeRO-3 reduce-scatter averages over the sequence ranks too (trainer/engine.py), so the config
-    gets its all-reduce path, and a JSON that insists on the reduce-scatter is refused."""
+    gets its all-reduce path, and a JSON that would leave it is refused."""
     from trainer.engine import assemble_config
     from trainer.spec import RunSpec
 
@@ -158,12 +159,18 @@ def test_lora_dropout_and_a_zero3_reduce_scatter_are_refused(tiny_5b, tmp_path):
     assert assemble_config(spec, 1)["zero_optimization"]["reduce_scatter"] is False
     unsplit = RunSpec.model_validate({**raw, "parallel": {"sequence": 1}, "deepspeed": {"stage": 3}})
     assert "reduce_scatter" not in assemble_config(unsplit, 2)["zero_optimization"]
-    insisting = tmp_path / "zero3.json"
-    insisting.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_scatter": True}}))
-    spec = RunSpec.model_validate({**raw, "deepspeed": {"config": str(insisting)}})
-    with pytest.raises(UserError, match="zero_optimization.reduce_scatter is true, but with parallel.sequence > 1 "
-                                        "ZeRO-3 must all-reduce the gradients"):
-        assemble_config(spec, 1)
+    assert assemble_config(spec, 1)["seq_parallel_communication_data_type"] == "fp32"  # DeepSpeed's, with an mpu
+    for zero, top, expected in (({"reduce_scatter": True}, {}, "zero_optimization.reduce_scatter is true, but with "
+                                 "parallel.sequence > 1 ZeRO-3 must all-reduce the gradients"),
+                                ({"contiguous_gradients": False}, {}, "zero_optimization.contiguous_gradients is "
+                                 "false, which ZeRO-3 reduces by reduce-scatter alone"),
+                                ({}, {"gradient_predivide_factor": 2.0}, "gradient_predivide_factor with "
+                                 "parallel.sequence > 1")):
+        insisting = tmp_path / "zero3.json"
+        insisting.write_text(json.dumps({"zero_optimization": {"stage": 3, **zero}, **top}))
+        spec = RunSpec.model_validate({**raw, "deepspeed": {"config": str(insisting)}})
+        with pytest.raises(UserError, match=re.escape(expected)):
+            assemble_config(spec, 1)
 
 
 def test_shards_whose_tokens_do_not_split_are_named(tiny_5b, tmp_path):
@@ -223,3 +230,13 @@ def row(text: str, name: str) -> list[float]:
     match = re.search(rf"^\s*{re.escape(name)}\s+([\d,.]+)\s+([\d,.]+)", text, re.MULTILINE)
     assert match, text
     return [float(v.replace(",", "")) for v in match.groups()]
+
+
+def test_a_group_that_spans_nodes_is_named():
+    from trainer.parallel import ParallelLayout
+    from trainer.sequence import spanning_nodes
+
+    layout = ParallelLayout(4, 0, sequence=2)
+    assert spanning_nodes(layout, ["a", "a", "b", "b"], 2) is None
+    assert "ranks 0-1 are on 2 hosts: a sequence group spans nodes" in spanning_nodes(layout, ["a", "b", "a", "b"], 2)
+    assert "2 with 1 rank(s) on this node: a sequence group spans nodes" in spanning_nodes(layout, ["a"] * 4, 1)

@@ -81,16 +81,8 @@ def assemble_config(spec: RunSpec, data_parallel: int) -> dict:
         enabled = config.get(name, {}).get("enabled", "auto")
         if enabled != "auto" and bool(enabled) != (precision == name):
             errors.append(f"{name}.enabled is {enabled!r} but train.precision is {precision!r}")
-    if spec.parallel.sequence > 1 and stage == 3:
-        # DeepSpeed 0.19's ZeRO-3 reduce-scatter divides the summed gradients by every rank, data- and sequence-
-        # parallel alike (coalesced_collectives.reduce_scatter_coalesced); its all-reduce path divides by the
-        # data-parallel ranks only, as ZeRO-2 does. A sequence group's ranks hold parts of one gradient, so
-        # only the latter is right: N times too small a gradient otherwise (tests/test_sequence.py sees it).
-        if config["zero_optimization"].get("reduce_scatter") is True:
-            errors.append("zero_optimization.reduce_scatter is true, but with parallel.sequence > 1 ZeRO-3 must "
-                          "all-reduce the gradients (its reduce-scatter averages them over the sequence ranks "
-                          "too): remove the key")
-        config["zero_optimization"]["reduce_scatter"] = False
+    if spec.parallel.sequence > 1:
+        errors += _sequence_parallel_reduction(config, stage)
     if errors:
         raise UserError(f"deepspeed.config: {path} contradicts the spec:\n  " + "\n  ".join(errors))
 
@@ -101,12 +93,38 @@ def assemble_config(spec: RunSpec, data_parallel: int) -> dict:
     reduction = _reduction_dtypes(config, precision, path)
     config["data_types"] = {**config.get("data_types", {}), "grad_accum_dtype": reduction["grad_accum_dtype"]}
     config["communication_data_type"] = reduction["communication_data_type"]
+    # with a sequence-parallel mpu DeepSpeed reduces in this one instead (fp32 unless set)
+    config["seq_parallel_communication_data_type"] = reduction["communication_data_type"]
     optim = spec.optim
     config["optimizer"] = {"type": "AdamW", "params": {
         "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
         "torch_adam": True,  # torch's AdamW: no JIT build of DeepSpeed's fused CPU/GPU Adam
         "adam_w_mode": True}}
     return config
+
+
+def _sequence_parallel_reduction(config: dict, stage: int) -> list[str]:
+    """With parallel.sequence > 1 a sequence group's ranks hold parts of one gradient: DeepSpeed must sum them
+    over the whole world and divide by the data-parallel ranks only. Its ZeRO-2 reduction and ZeRO-3's
+    all-reduce path (contiguous gradients in buckets) do; ZeRO-3's reduce-scatter
+    (coalesced_collectives.reduce_scatter_coalesced) and a gradient predivide divide by every rank, N times too
+    small a gradient (tests/test_sequence.py sees it in the gradient norm). So ZeRO-3 takes its all-reduce path
+    and the settings that would leave it are refused."""
+    zero, errors = config["zero_optimization"], []
+    if zero.get("reduce_scatter") is True and stage == 3:
+        errors.append("zero_optimization.reduce_scatter is true, but with parallel.sequence > 1 ZeRO-3 must all-"
+                      "reduce the gradients (its reduce-scatter averages them over the sequence ranks too): remove "
+                      "the key")
+    for key, bad in (("contiguous_gradients", False), ("zero_quantized_gradients", True)):
+        if stage == 3 and zero.get(key, not bad) == bad:
+            errors.append(f"zero_optimization.{key} is {str(bad).lower()}, which ZeRO-3 reduces by reduce-scatter "
+                          f"alone: with parallel.sequence > 1 remove the key")
+    if config.get("gradient_predivide_factor", 1.0) != 1.0:
+        errors.append("gradient_predivide_factor with parallel.sequence > 1: DeepSpeed then averages over the "
+                      "sequence ranks too; remove the key")
+    if stage == 3:
+        zero["reduce_scatter"] = False
+    return errors
 
 
 REDUCTION_DTYPES = ("fp32", "bf16", "fp16")

@@ -53,8 +53,8 @@ def ignore_stop_signals() -> None:
 class StepDecision:
     stop: bool  # some rank got a stop signal: all save this step and exit
     save_due_to_time: bool  # rank 0's clock says checkpoint.every_minutes have passed
-    data_faults: int  # samples of this step that could not be read, over all ranks
-    readable: int  # samples of this step that could, over all ranks
+    data_faults: int  # samples of this step that could not be read, over all ranks (a sequence group's ranks
+    readable: int  # samples of this step that could, over all ranks               each count their shared ones)
 
 
 def decide(layout: ParallelLayout, device: torch.device, stop_requested: bool, time_due_on_rank0: bool,
@@ -63,8 +63,7 @@ def decide(layout: ParallelLayout, device: torch.device, stop_requested: bool, t
     values = torch.tensor([stop_requested, time_due_on_rank0 and layout.is_main, data_faults, readable],
                           dtype=torch.int64, device=device)
     stop, time_due, faults, ok = layout.all_reduce_sum(values).tolist()  # sync point
-    # the ranks of a sequence group read the same samples: count each once
-    return StepDecision(stop > 0, time_due > 0, faults // layout.sequence, ok // layout.sequence)
+    return StepDecision(stop > 0, time_due > 0, faults, ok)
 
 
 def preempted(signum: int | None, optimizer_step: int, checkpoint: Path | None) -> Stopped:

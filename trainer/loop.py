@@ -54,7 +54,8 @@ def train(spec: RunSpec) -> Path | None:
         raise
     print_startup(reporter, spec=spec, layout=run.layout, engine=run.engine, family=run.family, model=run.model,
                   index=index, shards=len(plan.shards), state=state, resume=plan.resume,
-                  held_out=run.validation.loss_index if run.validation is not None else None)
+                  held_out=run.validation.loss_index if run.validation is not None else None,
+                  sequence_warning=run.sequence_warning)
     loop = Loop(run, state, reporter, signals, dataset, last_checkpoint=plan.resume.checkpoint)
     for shape, count in dataset.never_trained().items():
         reporter.event(state.optimizer_step, "data_warning", f"latent shape {list(shape)} has {count} sample(s), "
@@ -194,9 +195,8 @@ class Loop:
 
     def check_data(self, out: StepOutput, decision: StepDecision, optimizer_step: int) -> None:
         state = self.state
-        if decision.data_faults:
-            data_faults(self.run, out.faults, optimizer_step, self.reporter)  # raises everywhere under fail
-            state.data_errors += decision.data_faults
+        if decision.data_faults:  # raises everywhere under fail; else the distinct samples, once each
+            state.data_errors += data_faults(self.run, out.faults, optimizer_step, self.reporter)
         state.consecutive_unreadable = 0 if decision.readable else state.consecutive_unreadable + 1
         if state.consecutive_unreadable >= self.spec.train.max_consecutive_nonfinite:
             raise unreadable(state.consecutive_unreadable, out.faults)
@@ -291,6 +291,8 @@ def train_step(run: Run, stream: Iterator[Batch], optimizer_step: int) -> StepOu
                                        batch.prompt_embeds.to(device, non_blocking=True), t, run.noise, run.dtype,
                                        image_latents)
         valid = batch.valid.to(device, non_blocking=True)
+        if run.exchange is not None:  # a sample one rank of the group could not read counts for none of them
+            valid = run.exchange.all_valid(valid)
         loss = valid_mean(per_sample, valid)
         engine.backward(loss)
         engine.step()  # applies the clipped update only at the accumulation boundary
@@ -336,9 +338,10 @@ def nonfinite_step(run: Run, out: StepOutput, optimizer_step: int, reporter: Rep
     return True
 
 
-def data_faults(run: Run, local: list[ShardError], optimizer_step: int, reporter: Reporter) -> None:
-    """Samples that could not be read this step, on any rank: reported by rank 0, or under data.on_error=fail
-    raised on every rank (the step in flight trained on zeros in their place; nothing is saved after it)."""
+def data_faults(run: Run, local: list[ShardError], optimizer_step: int, reporter: Reporter) -> int:
+    """Samples that could not be read this step, on any rank: reported by rank 0 and counted, or under
+    data.on_error=fail raised on every rank (the step in flight trained on zeros in their place; nothing is
+    saved after it)."""
     gathered = run.layout.all_gather([(f.shard, f.key, f.problem) for f in local])
     everyone = [ShardError(*f) for f in dict.fromkeys(f for faults in gathered for f in faults)]  # a sequence
     # group's ranks read the same samples: each fault once
@@ -347,6 +350,7 @@ def data_faults(run: Run, local: list[ShardError], optimizer_step: int, reporter
         raise everyone[0]
     for fault in everyone:
         reporter.event(optimizer_step, "data_error", f"skipping {fault}", shard=fault.shard, key=fault.key)
+    return len(everyone)
 
 
 def unreadable(steps: int, faults: list[ShardError]) -> UserError:

@@ -1,8 +1,9 @@
 """The parallel layout: which rank does what, built once at start-up, and the collectives the trainer runs.
 
 The world is data-parallel x sequence-parallel. Rank r belongs to data-parallel rank r // S and sequence
-rank r % S, where S is the sequence-parallel size: the S ranks of one sequence group are consecutive (one
-node holds whole groups, so their all-to-alls stay on its links) and train the same micro-batch; data
+rank r % S, where S is the sequence-parallel size: the S ranks of one sequence group are consecutive (so
+that one node can hold whole groups and their all-to-alls stay on its links; start-up warns where one does
+not) and train the same micro-batch; data
 order, timesteps, noise and the batch arithmetic follow the data-parallel rank. S is the spec's
 parallel.sequence (1: every rank is a data-parallel rank); trainer/sequence.py builds the groups' collectives.
 

@@ -9,7 +9,8 @@ the process groups and the collectives, so that model code never imports deepspe
 
 DeepSpeed learns the layout from ``parallel_state_sp``, the model-parallel unit its Ulysses support ships
 (``deepspeed.initialize(mpu=...)``): ZeRO partitions and reduces gradients over the whole world (sequence x
-data), and averages them over the data-parallel ranks only. That is right for the split here: each rank's
+data), and averages them over the data-parallel ranks only (under ZeRO-3 on its all-reduce path, which
+trainer/engine.py selects). That is right for the split here: each rank's
 gradients are its part of its group's micro-batch gradient (the parts sum to it), because every rank's
 loss is the same full-sample loss and the gather before it hands each rank the gradient of its own tokens.
 
@@ -65,6 +66,30 @@ def check_index(index: ShardIndex, family: ModelFamily, sequence: int, field: st
                     + (f"; {len(refs) - 1} more sample(s) of that shape)" if len(refs) > 1 else ")"))
 
 
+def check_buckets(ds_config: dict, largest: int) -> None:
+    """ZeRO-3 takes its all-reduce path (trainer/engine.py) only for a bucket of at most reduce_bucket_size
+    elements: a trainable tensor larger than that would go through the reduce-scatter, N times too small."""
+    zero = ds_config["zero_optimization"]
+    size = int(zero.get("reduce_bucket_size", 500_000_000))
+    if zero["stage"] == 3 and size < largest:
+        raise UserError(f"deepspeed.config: zero_optimization.reduce_bucket_size is {size:,} elements, less than "
+                        f"the largest LoRA tensor ({largest:,}); with parallel.sequence > 1 ZeRO-3 must reduce "
+                        f"every gradient in a bucket: raise it")
+
+
+def spanning_nodes(layout: ParallelLayout, hosts: list[str], per_node: int) -> str | None:
+    """A warning where a sequence group spans nodes (its all-to-alls then cross the network): by hostname, or,
+    where the hosts look alike (containers, simulated nodes), by the launcher's ranks per node."""
+    groups = [g for g in layout.sequence_groups() if len({hosts[r] for r in g}) > 1]
+    if not groups and per_node % layout.sequence == 0:
+        return None
+    where = (f"ranks {groups[0][0]}-{groups[0][-1]} are on {len({hosts[r] for r in groups[0]})} hosts" if groups
+             else f"{per_node} rank(s) on this node")
+    return (f"parallel.sequence {layout.sequence} with {where}: a sequence group spans nodes, and the all-to-alls "
+            f"of every attention cross the network; choose a parallel.sequence that divides the ranks per node, "
+            f"with each node's ranks consecutive")
+
+
 def join(layout: ParallelLayout) -> tuple[Any, UlyssesExchange] | tuple[None, None]:
     """Build the sequence and sequence-data groups (every rank calls this, once): DeepSpeed's model-parallel
     unit for ``deepspeed.initialize(mpu=...)`` and this rank's exchange; (None, None) without a split."""
@@ -73,8 +98,29 @@ def join(layout: ParallelLayout) -> tuple[Any, UlyssesExchange] | tuple[None, No
     from deepspeed.runtime.sequence_parallel import parallel_state_sp
 
     parallel_state_sp.initialize_sequence_parallel(layout.sequence)
-    return parallel_state_sp, UlyssesExchange(parallel_state_sp.get_sequence_parallel_group(), layout.sequence,
-                                              layout.sequence_rank)
+    return _SequenceUnit(parallel_state_sp), UlyssesExchange(parallel_state_sp.get_sequence_parallel_group(),
+                                                            layout.sequence, layout.sequence_rank)
+
+
+class _SequenceUnit:
+    """DeepSpeed's ``parallel_state_sp`` as the engine's mpu, saying what it leaves out: no tensor parallelism.
+    It aliases the model-parallel size to the sequence size, so DeepSpeed's checkpoints would otherwise record a
+    tensor-parallel degree of N over one model file, and its universal conversion and loading (a resume on
+    another number of ranks) would fail."""
+
+    def __init__(self, unit: Any):
+        self._unit = unit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._unit, name)
+
+    @staticmethod
+    def get_tensor_model_parallel_world_size() -> int:
+        return 1
+
+    @staticmethod
+    def get_tensor_model_parallel_rank() -> int:
+        return 0
 
 
 class UlyssesExchange:
@@ -83,6 +129,12 @@ class UlyssesExchange:
 
     def __init__(self, group: Any, size: int, rank: int):
         self.group, self.size, self.rank = group, size, rank
+
+    def all_valid(self, valid: torch.Tensor) -> torch.Tensor:
+        """Which samples of the group's micro-batch every rank could read (a bool mask, the same on each)."""
+        agreed = valid.to(torch.uint8)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.group)
+        return agreed.bool()
 
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's chunk of ``dim`` (a view; the gradient of the rest is zero here)."""
@@ -93,7 +145,7 @@ class UlyssesExchange:
     def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Every rank's chunk, concatenated along ``dim``. What follows must be the same on every rank of the
         group (the loss): the backward then keeps this rank's chunk of the gradient, no communication."""
-        return _GatherSame.apply(x, dim, self)
+        return _Gather.apply(x, dim, self, False)
 
     def scatter_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S/N, H, D] -> [B, S, H/N, D]: the whole sequence, this rank's heads."""
@@ -116,36 +168,27 @@ class UlyssesExchange:
         with its own heads next), so the backward sums their gradients of this rank's heads (a reduce-scatter,
         run as an all-to-all: gloo has no reduce-scatter, and torch's differentiable all-gather falls back to
         scatters addressed by global rank, which fail in a group that does not start at rank 0)."""
-        return _GatherSummed.apply(x, 2, self)
+        return _Gather.apply(x, 2, self, True)
 
 
-def _all_gather(x: torch.Tensor, dim: int, exchange: UlyssesExchange) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(exchange.size)]
-    dist.all_gather(parts, x.contiguous(), group=exchange.group)
-    return torch.cat(parts, dim)
-
-
-class _GatherSummed(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dim: int, exchange: UlyssesExchange) -> torch.Tensor:
-        ctx.dim, ctx.exchange = dim, exchange
-        return _all_gather(x, dim, exchange)
+class _Gather(torch.autograd.Function):
+    """Every rank's ``x`` concatenated along ``dim``. The backward either sums every rank's gradient of this
+    rank's chunk (``summed``: the ranks use the result differently) or keeps this rank's chunk of its own
+    gradient (the ranks use it alike)."""
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def forward(ctx: Any, x: torch.Tensor, dim: int, exchange: UlyssesExchange, summed: bool) -> torch.Tensor:
+        ctx.dim, ctx.exchange, ctx.summed = dim, exchange, summed
+        parts = [torch.empty_like(x) for _ in range(exchange.size)]
+        dist.all_gather(parts, x.contiguous(), group=exchange.group)
+        return torch.cat(parts, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         exchange = ctx.exchange
-        sent = torch.stack(grad.chunk(exchange.size, ctx.dim)).contiguous()  # [N, ...]: rank j's heads to rank j
+        if not ctx.summed:
+            return grad.chunk(exchange.size, ctx.dim)[exchange.rank].contiguous(), None, None, None
+        sent = torch.stack(grad.chunk(exchange.size, ctx.dim)).contiguous()  # [N, ...]: rank j's chunk to rank j
         received = torch.empty_like(sent)
         dist.all_to_all_single(received, sent, group=exchange.group)
-        return received.sum(0), None, None
-
-
-class _GatherSame(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dim: int, exchange: UlyssesExchange) -> torch.Tensor:
-        ctx.dim, ctx.exchange = dim, exchange
-        return _all_gather(x, dim, exchange)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return grad.chunk(ctx.exchange.size, ctx.dim)[ctx.exchange.rank].contiguous(), None, None
+        return received.sum(0), None, None, None

@@ -8,6 +8,7 @@ restores the resume point, watched from the rendezvous on by the start-up bound 
 from __future__ import annotations
 
 import logging
+import socket
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,9 +26,9 @@ from trainer.errors import UserError
 from trainer.families import load_family
 from trainer.families.base import ImageConditioning, ModelFamily, VideoModel
 from trainer.parallel import ParallelLayout
-from trainer.process_env import default_device, env_world_size, share_cpu_threads
+from trainer.process_env import default_device, env_world_size, local_world_size, share_cpu_threads
 from trainer.resume import ResumePoint
-from trainer.sequence import check_heads, check_index
+from trainer.sequence import UlyssesExchange, check_heads, check_index
 from trainer.shard_format import SampleShapes
 from trainer.shard_index import ShardIndex, build_index
 from trainer.spec import RunSpec
@@ -88,8 +89,10 @@ class Run:
     peak_tflops: float | None  # the device's bf16 peak (logging.peak_tflops, else by GPU name): MFU's divisor
     watchdog: Watchdog  # ends the process when start-up, or later a step, stops making progress
     conditioner: ImageConditioning | None  # image-to-video: the conditioning images' encoder (None: text-to-video)
+    exchange: UlyssesExchange | None  # parallel.sequence > 1: this rank's sequence group (trainer/sequence.py)
     image_noise: torch.Generator  # its augmentation and dropout, seeded per optimizer step
     validation: Validation | None = None  # validation videos and loss, if the spec asks for them
+    sequence_warning: str | None = None  # a sequence group spans nodes (trainer/sequence.py)
 
     def heartbeat(self, what: str) -> None:
         """Tell the watchdog the run is alive, and doing ``what``."""
@@ -128,7 +131,10 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
     watchdog.progress("loading the transformer")
     model = plan.family.load(spec.lora, dtype, spec.model.gradient_checkpointing, spec.run.seed)
     mpu, exchange = sequence.join(layout)
+    spans = None if exchange is None else sequence.spanning_nodes(
+        layout, layout.all_gather(socket.gethostname()), local_world_size())
     if exchange is not None:
+        sequence.check_buckets(plan.ds_config, max(p.numel() for p in model.lora_parameters().values()))
         plan.family.split_sequence(model.transformer, exchange)
     watchdog.progress("building the DeepSpeed engine")
     engine = build_engine(spec, model, plan.ds_config, mpu)
@@ -143,5 +149,5 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
     watchdog.progress("restoring the resume point")
     state = resume.restore(plan.resume, engine, layout, spec, index.fingerprint())  # last: it sets the generators
     run = Run(spec, layout, plan.family, engine, model, plan.objective.to(engine.device), timesteps, noise, dtype,
-              costs, peak, watchdog, conditioner, torch.Generator(device=engine.device), validation)
+              costs, peak, watchdog, conditioner, exchange, torch.Generator(device=engine.device), validation, spans)
     return run, index, state

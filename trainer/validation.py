@@ -32,7 +32,7 @@ from trainer.parallel import ParallelLayout
 from trainer.reporting.writers import Reporter
 from trainer.rng import Stream, derive_seed
 from trainer.sampling import encode_prompts, video_names, write_prompt_list
-from trainer.sequence import check_index, check_split
+from trainer.sequence import UlyssesExchange, check_index, check_split
 from trainer.shard_format import SampleShapes, ShardError
 from trainer.shard_index import ShardIndex, build_index
 from trainer.spec import RunSpec
@@ -53,6 +53,7 @@ class Training(Protocol):
     objective: Objective
     dtype: torch.dtype
     conditioner: ImageConditioning | None
+    exchange: UlyssesExchange | None
 
 
 def preflight_validation(spec: RunSpec, family: ModelFamily, shapes: SampleShapes) -> list[str]:
@@ -211,6 +212,8 @@ class Validation:
                 image_shape = self.shapes.image_shape(ref.shape)
                 latents, prompt, weight = torch.zeros(ref.shape), torch.zeros(self.shapes.prompt_shape), 0.0
                 image = None if image_shape is None else torch.zeros(image_shape, dtype=torch.uint8)
+            if run.exchange is not None:  # a sample one rank of the group could not read counts for none of them
+                weight *= float(run.exchange.all_valid(torch.tensor([weight > 0], device=device))[0])
             x0 = run.model.prepare_latents(latents[None].to(device).float())
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(
                 derive_seed(self.spec.validation.seed, Stream.VALIDATION_NOISE, i)), dtype=torch.float32).to(device)
@@ -257,10 +260,10 @@ class Validation:
                 def on_step(s: int) -> None:
                     heartbeat(f"validation sampling step {s} of optimizer step {optimizer_step}")
 
-                if i < len(prompts):
+                if i < len(prompts) and run.layout.sequence_rank == 0:  # a sequence group samples it together
                     frames = run.family.generate(pipe, embeds, self.negative_embeds, settings, on_step, image)
                     write_mp4(files[i], frames, settings.fps)
-                else:  # the same transformer passes as the other ranks (ZeRO-3 gathers), nothing kept
+                else:  # the same transformer passes as the other ranks (ZeRO-3 gathers, a group's exchange)
                     run.family.denoise(pipe, embeds, self.negative_embeds, settings, on_step, image)
         pipe.vae.to("cpu")  # the device's memory is the training's again
         if section.save_lora:

@@ -257,7 +257,6 @@ class CogVideoX:
 
     def load_transformer(self, dtype: torch.dtype) -> nn.Module:
         from diffusers import CogVideoXTransformer3DModel
-
         return CogVideoXTransformer3DModel.from_pretrained(self.model_dir, subfolder="transformer", dtype=dtype)
 
     def load(self, lora: LoraSection, dtype: torch.dtype, gradient_checkpointing: bool, seed: int) -> CogVideoXModel:
@@ -303,7 +302,7 @@ class CogVideoX:
             rope=bool(cfg.get("use_rotary_positional_embeddings")), video_tokens=self.video_tokens)
 
     def split_sequence(self, transformer: nn.Module, exchange: SequenceExchange) -> None:
-        split_sequence(transformer, exchange)
+        split_sequence(transformer, exchange)  # families/cogvideox_ulysses.py
 
     # ---- sampling and the LoRA file
 

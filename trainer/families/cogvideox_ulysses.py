@@ -10,8 +10,8 @@ Applied from outside diffusers' ``CogVideoXTransformer3DModel``, whose forward s
   1/N of the heads, the prompt's for the same heads (a slice: every rank has them), attention runs over all
   text and video tokens with those heads, and the video output goes back to the token split; the prompt's
   output is gathered over heads, so that every rank carries the whole prompt stream into the next block;
-- after ``proj_out`` the video tokens are gathered again, so that the unpatchify, the 1.5 frame padding's
-  crop and the loss see the whole sample, the same on every rank of the group.
+- after ``proj_out`` the video tokens are gathered again, so that the unpatchify and the loss (1.5's padding
+  frame included, as without the split) see the whole sample, the same on every rank of the group.
 Norms, feed-forwards and the adaptive layer norms act per token: they need nothing.
 """
 
@@ -23,10 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.errors import UserError
 from trainer.families.base import SequenceExchange
 
 
 def split_sequence(transformer: nn.Module, exchange: SequenceExchange) -> None:
+    dropout = transformer.config.get("dropout", 0.0)  # type: ignore[operator, union-attr]
+    if dropout:  # it would drop the prompt's tokens, which every rank of the group holds, differently on each
+        raise UserError(f"parallel.sequence: the transformer's config has dropout {dropout}; sequence parallelism "
+                        f"needs the same prompt stream on every rank of a group: set dropout to 0 in "
+                        f"transformer/config.json")
     def keep_local_video(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         text = args[0].shape[1]  # patch_embed(text_embeds, image_embeds) -> [B, text + video, D]
         return torch.cat([output[:, :text], exchange.split(output[:, text:], 1)], dim=1)

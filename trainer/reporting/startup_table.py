@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 
 from trainer.families.base import ModelFamily, SampleSettings, VideoModel
 from trainer.parallel import ParallelLayout
-from trainer.process_env import local_world_size
 from trainer.reporting.writers import Reporter
 from trainer.resume import ResumePoint
 from trainer.shard_index import ShardIndex
@@ -20,7 +19,7 @@ if TYPE_CHECKING:
 
 def print_startup(reporter: Reporter, *, spec: RunSpec, layout: ParallelLayout, engine: DeepSpeedEngine,
                   family: ModelFamily, model: VideoModel, index: ShardIndex, shards: int, state: TrainerState,
-                  resume: ResumePoint, held_out: ShardIndex | None) -> None:
+                  resume: ResumePoint, held_out: ShardIndex | None, sequence_warning: str | None = None) -> None:
     def numel(p):  # ZeRO-3 leaves each rank an empty partition; ds_numel is the full size
         return getattr(p, "ds_numel", p.numel())
 
@@ -74,12 +73,8 @@ def print_startup(reporter: Reporter, *, spec: RunSpec, layout: ParallelLayout, 
             reporter.event(0, "data_error", f"skipping: {fault}", shard=fault.shard, key=fault.key)
     elif index.faults:
         reporter.print(f"{len(index.faults)} sample(s) left out at start-up, as when the run began (events.jsonl)")
-    per_node = local_world_size()
-    if layout.sequence > 1 and per_node % layout.sequence:
-        reporter.event(state.optimizer_step, "layout_warning", f"parallel.sequence {layout.sequence} with "
-                       f"{per_node} rank(s) on this node: a sequence group spans nodes, and the all-to-alls of every "
-                       f"attention cross the network; choose a parallel.sequence that divides the ranks per node",
-                       sequence=layout.sequence, ranks_per_node=per_node)
+    if sequence_warning:
+        reporter.event(state.optimizer_step, "layout_warning", sequence_warning, sequence=layout.sequence)
     if held_out is not None and held_out.faults:
         reporter.print(f"validation.loss.shards: {len(held_out.faults)} held-out sample(s) left out (the first: "
                        f"{held_out.faults[0]})")
