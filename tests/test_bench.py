@@ -114,7 +114,7 @@ def test_dry_run_plans_cogvideox_5b_without_weights(tmp_path):
     out = proc.stdout
     assert "5,570,283,072 frozen + 132,120,576 LoRA trainable" in out
     assert "17,550 video + 226 text tokens" in out
-    assert "micro 1 x accumulation 2 x 8 rank(s) = 16 samples per optimizer step" in out
+    assert "micro 1 x accumulation 2 x 8 data-parallel rank(s) = 16 samples per optimizer step" in out
     assert re.search(r"forward 336\.89 TFLOP \(attention 48%\)", out)
     totals = row(out, "total")  # ZeRO-2 off/on, ZeRO-3 off/on, MiB
     assert len(totals) == 4 and totals[1] < totals[0] and totals[3] < totals[1] and totals[3] < totals[2]
