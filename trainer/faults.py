@@ -53,8 +53,9 @@ def ignore_stop_signals() -> None:
 class StepDecision:
     stop: bool  # some rank got a stop signal: all save this step and exit
     save_due_to_time: bool  # rank 0's clock says checkpoint.every_minutes have passed
-    data_faults: int  # samples of this step that could not be read, over all ranks (a sequence group's ranks
-    readable: int  # samples of this step that could, over all ranks               each count their shared ones)
+    # over all ranks: the ranks of a sequence group each count the samples they share
+    data_faults: int  # samples of this step that could not be read
+    readable: int  # samples of this step that could
 
 
 def decide(layout: ParallelLayout, device: torch.device, stop_requested: bool, time_due_on_rank0: bool,

@@ -59,9 +59,10 @@ def check_index(index: ShardIndex, family: ModelFamily, sequence: int, field: st
     by_shape: dict[tuple[int, ...], list[SampleRef]] = {}
     for ref in index.samples:
         by_shape.setdefault(ref.shape, []).append(ref)
+    video_tokens = family.structure().video_tokens
     for shape, refs in by_shape.items():
         first = refs[0]
-        check_split(family.structure().video_tokens(shape), sequence,
+        check_split(video_tokens(shape), sequence,
                     f"{field}: shard {index.shards[first.shard]}, sample {first.key!r} (latents {list(shape)}"
                     + (f"; {len(refs) - 1} more sample(s) of that shape)" if len(refs) > 1 else ")"))
 

@@ -131,9 +131,9 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
     watchdog.progress("loading the transformer")
     model = plan.family.load(spec.lora, dtype, spec.model.gradient_checkpointing, spec.run.seed)
     mpu, exchange = sequence.join(layout)
-    spans = None if exchange is None else sequence.spanning_nodes(
-        layout, layout.all_gather(socket.gethostname()), local_world_size())
+    spans = None
     if exchange is not None:
+        spans = sequence.spanning_nodes(layout, layout.all_gather(socket.gethostname()), local_world_size())
         sequence.check_buckets(plan.ds_config, max(p.numel() for p in model.lora_parameters().values()))
         plan.family.split_sequence(model.transformer, exchange)
     watchdog.progress("building the DeepSpeed engine")

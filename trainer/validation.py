@@ -63,8 +63,11 @@ def preflight_validation(spec: RunSpec, family: ModelFamily, shapes: SampleShape
         raise UserError(f"validation.images: {len(section.images)} image(s) but no validation.prompts (an image-to-"
                         f"video model samples one video per prompt, each from its image)")
     if section.prompts:
-        clip = family.check_sampling(section, lambda name: f"validation.{name}")
-        latents = family.latent_shape(clip.num_frames, clip.height, clip.width, lambda name: f"validation.{name}")
+        def field(name: str) -> str:
+            return f"validation.{name}"
+
+        clip = family.check_sampling(section, field)
+        latents = family.latent_shape(clip.num_frames, clip.height, clip.width, field)
         check_split(family.structure().video_tokens(latents), spec.parallel.sequence,
                     f"the validation videos' {clip.num_frames}x{clip.height}x{clip.width} clip (validation.num_frames, "
                     f"height, width)")
