@@ -29,6 +29,7 @@ from torch import nn
 
 from trainer.dtypes import PRECISIONS
 from trainer.families.base import TransformerStructure
+from trainer.low_memory import FP8, store_frozen_weights
 from trainer.spec import LoraSection
 
 if TYPE_CHECKING:
@@ -123,6 +124,11 @@ class CostModel:
         blocks = [m for m in skeleton.modules() if type(m).__name__ == structure.block_class]
         self.block_params = max(sum(p.numel() for p in b.parameters() if not p.requires_grad) for b in blocks)
         self._frozen_sizes = [p.numel() for p in skeleton.parameters() if not p.requires_grad]
+        # model.weights_dtype: what the trainer's casting stores in fp8, counted by applying it (dtypes only: meta)
+        store_frozen_weights(skeleton, structure.block_prefix, getattr(torch, FP8), torch.bfloat16)
+        cast = [p for p in skeleton.parameters() if p.element_size() == 1]
+        self.params_cast = sum(p.numel() for p in cast)
+        self.block_cast = max(sum(p.numel() for p in b.parameters() if p.element_size() == 1) for b in blocks)
         self._flops: dict[tuple[int, ...], Flops] = {}
 
     def video_tokens(self, latent_shape: tuple[int, ...]) -> int:
@@ -237,7 +243,10 @@ class CostModel:
         return self.layers * (forward * (2 if checkpointing else 1) + backward) + out
 
     def memory(self, latent_shape: tuple[int, ...], micro_batch: int, zero: ZeroSettings, dtype_bytes: int,
-               checkpointing: bool, sequence: int = 1) -> MemoryEstimate:
+               checkpointing: bool, sequence: int = 1, storage_bytes: int | None = None,
+               offload: bool = False) -> MemoryEstimate:
+        """``storage_bytes``: model.weights_dtype's bytes per element of the blocks' frozen linears (ZeRO-2; None:
+        as computed); ``offload``: model.activation_offload (with checkpointing)."""
         world, lora = zero.world_size, self.params_lora
         est = MemoryEstimate()
         device, host = est.parts, est.host
@@ -254,6 +263,12 @@ class CostModel:
             live = max(self.block_params + zero.prefetch_bucket_size, zero.max_live_parameters)
             device["frozen weights gathered to compute"] = min(live, self.params_frozen) * dtype_bytes
             device["LoRA weights"] = lora * dtype_bytes / world
+        elif storage_bytes is not None:  # the casting's copies in the compute dtype live until the backward
+            device["frozen weights"] = (self.params_frozen - self.params_cast) * dtype_bytes + \
+                self.params_cast * storage_bytes  # needs them: one block's with checkpointing, all without
+            upcast = self.block_cast if checkpointing else self.params_cast
+            device["frozen weights upcast to compute"] = upcast * dtype_bytes
+            device["LoRA weights"] = lora * dtype_bytes
         else:
             device["frozen weights"] = self.params_frozen * dtype_bytes
             device["frozen weights gathered to compute"] = 0.0
@@ -272,8 +287,26 @@ class CostModel:
         else:
             device["gradient reduce buckets"] = min(zero.reduce_bucket_size, lora) * dtype_bytes
         act = self.activation_bytes(latent_shape, dtype_bytes, checkpointing, sequence)
+        if offload:  # what checkpointing keeps waits on the host; the block being recomputed gets its input back
+            kept = self.saved_activation_bytes(latent_shape, dtype_bytes, True, sequence)
+            block_input = self._local_tokens(latent_shape, sequence) * self.hidden * dtype_bytes
+            host["offloaded activations (pinned)"] = micro_batch * kept
+            act += block_input - kept
         device["activations"] = micro_batch * act
         return est
+
+    def moved_bytes(self, latent_shape: tuple[int, ...], micro_batch: int, zero: ZeroSettings, dtype_bytes: int,
+                    checkpointing: bool, sequence: int = 1, offload: bool = False) -> float:
+        """Bytes one rank receives or copies in a micro-step beyond the LoRA gradients' reduction: ZeRO-3's gathers
+        of the frozen weights (forward, the recomputation, backward), the offload's copies out and back, the
+        sequence group's all-to-alls. What the planner ranks the ways to fit a GPU by, after recomputation."""
+        moved = 0.0
+        if zero.stage == 3:
+            passes = 3 if checkpointing else 2
+            moved += passes * self.params_frozen * dtype_bytes * (zero.world_size - 1) / zero.world_size
+        if offload:
+            moved += 2 * micro_batch * self.saved_activation_bytes(latent_shape, dtype_bytes, True, sequence)
+        return moved + micro_batch * self.exchange_bytes(latent_shape, dtype_bytes, checkpointing, sequence)
 
 
 def _linears(skeleton: nn.Module, structure: TransformerStructure) -> list[LinearLayer]:

@@ -42,6 +42,15 @@ class ModelSection(_Section):
     # A diffusers CogVideoX directory (transformer/, scheduler/, ...) or a Hugging Face hub id.
     path: str = Field(min_length=1)
     gradient_checkpointing: bool = False
+    # How the frozen base weights are stored (trainer/low_memory.py): null, as loaded in train.precision; fp8,
+    # the transformer blocks' linear weights in float8 e4m3 (half of bf16), upcast one layer at a time for its
+    # compute (diffusers' layerwise casting); bf16 the same in bf16. LoRA, norms and embeddings stay as they
+    # are. ZeRO-2 only; it saves memory at the peak with gradient checkpointing (the backward otherwise keeps
+    # every upcast weight).
+    weights_dtype: Literal["bf16", "fp8"] | None = None
+    # With gradient checkpointing: the block inputs it keeps go to host memory (pinned, copied beside the
+    # compute) until the backward pass needs them.
+    activation_offload: bool = False
 
 
 class LoraSection(_Section):
@@ -101,6 +110,9 @@ class TrainSection(_Section):
     # An optimizer step with a non-finite loss or gradient norm is skipped (weights untouched); this many
     # in a row stop the run, keeping the last complete checkpoint.
     max_consecutive_nonfinite: int = Field(5, gt=0)
+    # Compile each transformer block with torch.compile (regional: the repeated block once, reused by every
+    # block); the first step of each clip shape compiles, and the start-up report says how long it took.
+    compile: bool = False
 
 
 class ParallelSection(_Section):
@@ -194,6 +206,9 @@ class RunSpec(_Section):
                 f"a sequence group each hold the prompt's tokens, and dropout would mask them differently on each; "
                 f"use lora.dropout 0 with sequence parallelism"
             )
+        if self.model.activation_offload and not self.model.gradient_checkpointing:
+            raise ValueError("model.activation_offload moves the block inputs that gradient checkpointing keeps "
+                             "to host memory: set model.gradient_checkpointing true as well")
         return self
 
     def to_yaml(self) -> str:
