@@ -18,12 +18,12 @@ LAYERS = [
     # 1: the contracts: the process environment, the spec, the shard format, the rank layout, the objective
     ["process_env", "spec", "shard_format", "parallel", "diffusion", "watchdog", "media"],
     # 2: what the contracts are made into
-    ["shard_index", "state", "families.base", "engine", "reporting.writers"],
+    ["shard_index", "state", "families.base", "engine", "reporting.writers", "low_memory", "compiled"],
     ["families.cogvideox_pipeline", "families.cogvideox_i2v", "families.cogvideox_ulysses", "sequence", "data",
      "checkpoint", "faults", "reporting.interval"],
     ["families.cogvideox", "resume", "sampling"],
     ["families", "costs", "reporting.run_dir"],  # families: the registry, above every family
-    ["export", "reporting.startup_table"],
+    ["export", "reporting.startup_table", "fit"],
     ["validation", "planner"],
     ["startup"],
     ["loop"],

@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from trainer.checkpoint import Checkpointer
+from trainer.compiled import compile_seconds
 from trainer.data import Batch, DataPosition, MicroBatches, flat_position, streaming
 from trainer.diffusion import Objective
 from trainer.errors import UserError
@@ -132,6 +134,10 @@ class Loop:
         if self.run.watchdog.in_startup:  # every rank is past its first step: the steady bound from now on
             set_collective_timeout(self.spec.run.collective_timeout_s)
             self.run.watchdog.started_up()
+            if self.spec.train.compile:
+                seconds = compile_seconds()
+                self.reporter.event(optimizer_step, "compiled", f"torch.compile took {seconds:.1f} s of the first "
+                                    f"step (a new clip shape compiles once more)", seconds=round(seconds, 2))
         self.check_data(out, decision, optimizer_step)
         self.reporter.advance(optimizer_step)
 
@@ -287,9 +293,11 @@ def train_step(run: Run, stream: Iterator[Batch], optimizer_step: int) -> StepOu
         image_latents = None
         if run.conditioner is not None and batch.images is not None:
             image_latents = run.conditioner.augmented(batch.images, run.image_noise, run.dtype)
-        x0, per_sample = sample_losses(engine, run.model, run.objective, batch.latents.to(device, non_blocking=True),
-                                       batch.prompt_embeds.to(device, non_blocking=True), t, run.noise, run.dtype,
-                                       image_latents)
+        with run.offload() if run.offload is not None else nullcontext():  # model.activation_offload
+            x0, per_sample = sample_losses(engine, run.model, run.objective,
+                                           batch.latents.to(device, non_blocking=True),
+                                           batch.prompt_embeds.to(device, non_blocking=True), t, run.noise, run.dtype,
+                                           image_latents)
         valid = batch.valid.to(device, non_blocking=True)
         if run.exchange is not None:  # a sample one rank of the group could not read counts for none of them
             valid = run.exchange.all_valid(valid)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer import resume, sequence
+from trainer import compiled, low_memory, resume, sequence
 from trainer.costs import CostModel, device_peak_tflops
 from trainer.data import check_first_sample, check_latent_scale, resolve_shards
 from trainer.diffusion import Objective, TimestepSampler
@@ -25,6 +25,7 @@ from trainer.engine import assemble_config, build_engine, init_distributed
 from trainer.errors import UserError
 from trainer.families import load_family
 from trainer.families.base import ImageConditioning, ModelFamily, VideoModel
+from trainer.low_memory import ActivationOffload
 from trainer.parallel import ParallelLayout
 from trainer.process_env import default_device, env_world_size, local_world_size, share_cpu_threads
 from trainer.resume import ResumePoint
@@ -68,6 +69,12 @@ def preflight(spec: RunSpec) -> Plan:
     layout = ParallelLayout(world_size, sequence=spec.parallel.sequence)  # refuses a world it cannot split
     check_heads(family.structure().heads, layout.sequence, family.describe())
     ds_config = assemble_config(spec, layout.data_size)
+    low_memory.check_weights(spec.model.weights_dtype, PRECISIONS[spec.train.precision],
+                             ds_config["zero_optimization"]["stage"])
+    if spec.model.activation_offload:
+        low_memory.check_pinned_memory(default_device())
+    if spec.train.compile:
+        compiled.check_compiler(default_device())
     point = resume.plan(spec, world_size, ds_config)
     return Plan(family, shapes, objective, shards, ds_config, point, validation_shards)
 
@@ -91,6 +98,7 @@ class Run:
     conditioner: ImageConditioning | None  # image-to-video: the conditioning images' encoder (None: text-to-video)
     exchange: UlyssesExchange | None  # parallel.sequence > 1: this rank's sequence group (trainer/sequence.py)
     image_noise: torch.Generator  # its augmentation and dropout, seeded per optimizer step
+    offload: ActivationOffload | None  # model.activation_offload: the saved-tensor hooks around each forward
     validation: Validation | None = None  # validation videos and loss, if the spec asks for them
     sequence_warning: str | None = None  # a sequence group spans nodes (trainer/sequence.py)
 
@@ -136,6 +144,12 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
         spans = sequence.spanning_nodes(layout, layout.all_gather(socket.gethostname()), local_world_size())
         sequence.check_buckets(plan.ds_config, max(p.numel() for p in model.lora_parameters().values()))
         plan.family.split_sequence(model.transformer, exchange)
+    structure = plan.family.structure()
+    storage = low_memory.storage_dtype(spec.model.weights_dtype, dtype)
+    if storage is not None:  # before the engine: it moves the stored (smaller) weights to the device
+        low_memory.store_frozen_weights(model.transformer, structure.block_prefix, storage, dtype)
+    if spec.train.compile:  # last: the blocks compile with the split's processors and the casting hooks in them
+        compiled.compile_blocks(model.transformer, structure.block_class)
     watchdog.progress("building the DeepSpeed engine")
     engine = build_engine(spec, model, plan.ds_config, mpu)
     engine.train()  # diffusers' from_pretrained leaves the module in eval mode (LoRA dropout off)
@@ -148,6 +162,8 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
     peak = spec.logging.peak_tflops or device_peak_tflops(engine.device)
     watchdog.progress("restoring the resume point")
     state = resume.restore(plan.resume, engine, layout, spec, index.fingerprint())  # last: it sets the generators
+    offload = ActivationOffload(engine.device) if spec.model.activation_offload else None
     run = Run(spec, layout, plan.family, engine, model, plan.objective.to(engine.device), timesteps, noise, dtype,
-              costs, peak, watchdog, conditioner, exchange, torch.Generator(device=engine.device), validation, spans)
+              costs, peak, watchdog, conditioner, exchange, torch.Generator(device=engine.device), offload, validation,
+              spans)
     return run, index, state

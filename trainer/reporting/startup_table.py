@@ -45,6 +45,7 @@ def print_startup(reporter: Reporter, *, spec: RunSpec, layout: ParallelLayout, 
                         f"each rank of a group holds 1/{layout.sequence} of a sample's video tokens, and all-to-alls "
                         f"them for 1/{layout.sequence} of the heads in every attention")]
           if layout.sequence > 1 else []),
+        *([("memory", memory_modes(spec, model))] if memory_modes(spec, model) else []),
         ("data", f"{len(index.samples):,} samples in {shards} shard(s)"),
         *([("conditioning", f"first frame, noised (sigma = exp(N(-3, 0.5))) and VAE-encoded each step on "
                             f"{engine.device.type}; dropout {spec.data.image_dropout:g}")]
@@ -78,3 +79,14 @@ def print_startup(reporter: Reporter, *, spec: RunSpec, layout: ParallelLayout, 
     if held_out is not None and held_out.faults:
         reporter.print(f"validation.loss.shards: {len(held_out.faults)} held-out sample(s) left out (the first: "
                        f"{held_out.faults[0]})")
+
+
+def memory_modes(spec: RunSpec, model: VideoModel) -> str:
+    """The memory and speed modes a run has on (trainer/low_memory.py, trainer/compiled.py), in one line."""
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    parts = [f"frozen block linears stored in {spec.model.weights_dtype} ({frozen / 2**20:,.1f} MiB of frozen "
+             f"weights on this rank)" if spec.model.weights_dtype else "",
+             "activation offload: the checkpointed block inputs wait in host memory" if spec.model.activation_offload
+             else "", "torch.compile of each transformer block, at the first step" if spec.train.compile else ""]
+    return "; ".join(filter(None, parts))
+
