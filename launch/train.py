@@ -5,7 +5,7 @@
     torchrun --nproc_per_node N launch/train.py --spec run.yaml
     srun --ntasks-per-node N python launch/train.py --spec run.yaml     (launch/slurm/train.sbatch)
     python launch/train.py --spec run.yaml          (one process)
-    python launch/train.py --spec run.yaml --dry-run [--ranks 8] [--video 49x480x720]   (the plan: no weights)
+    python launch/train.py --spec run.yaml --dry-run [--ranks 8] [--video 49x480x720] [--gpu-memory 24]
 
 A mistake in the spec or the data ends with one message naming the field, file or sample, and exit status 2.
 SIGTERM or SIGUSR1 finish the optimizer step, save a checkpoint and exit with 75; the same command resumes.
@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: WORLD_SIZE, else 1)")
     parser.add_argument("--video", action="append", default=[], metavar="FxHxW",
                         help="with --dry-run: plan for clips of this size instead of the shards' (repeatable)")
+    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                        help="with --dry-run: which ways of training fit a GPU of this many GiB, cheapest first")
     # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.planner import dry_run
             from trainer.process_env import env_world_size
 
-            dry_run(load_spec(args.spec, args.overrides), args.ranks or env_world_size(), args.video)
+            dry_run(load_spec(args.spec, args.overrides), args.ranks or env_world_size(), args.video, args.gpu_memory)
             return 0
         ensure_process_env()
         from trainer.loop import train

@@ -2,7 +2,7 @@
 
 Reads the spec, the model directory's configs (its family sizes clips and counts the transformer) and the
 shards' manifest.json (or their first sample); prints tokens, parameters, FLOPs and memory per rank under
-ZeRO-2 and ZeRO-3.
+ZeRO-2 and ZeRO-3, and with --gpu-memory which ways of training fit that GPU (trainer/fit.py).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trainer import fit
 from trainer.costs import CostModel, ZeroSettings
 from trainer.dtypes import PRECISIONS
 from trainer.engine import SHIPPED_CONFIGS, assemble_config, load_base_config
@@ -94,7 +95,7 @@ def zero_settings(spec: RunSpec, world_size: int) -> dict[int, ZeroSettings]:
     return {ours.stage: ours, other: theirs}
 
 
-def dry_run(spec: RunSpec, world_size: int, videos: list[str]) -> None:
+def dry_run(spec: RunSpec, world_size: int, videos: list[str], gpu_memory: float | None = None) -> None:
     family = load_family(spec.model.path, weights=False)
     costs = CostModel(family, spec.lora)
     shapes = latent_shapes(spec, family, videos)
@@ -132,7 +133,10 @@ def dry_run(spec: RunSpec, world_size: int, videos: list[str]) -> None:
     console.print(f"[bold]memory per rank[/bold], MiB, for {micro} sample(s) of latents "
                   f"{'x'.join(map(str, largest))} at {spec.train.precision} (the largest shape)")
     settings = zero_settings(spec, world_size)
-    estimates = {(stage, ckpt): costs.memory(largest, micro, zero, dtype_bytes, ckpt, sequence)
+    fp8 = 1 if spec.model.weights_dtype == "fp8" else None  # the spec's memory modes, where they apply
+    estimates = {(stage, ckpt): costs.memory(largest, micro, zero, dtype_bytes, ckpt, sequence,
+                                             storage_bytes=fp8 if stage == 2 else None,
+                                             offload=ckpt and spec.model.activation_offload)
                  for stage, zero in settings.items() for ckpt in (False, True)}
     columns = [(stage, ckpt) for stage in (2, 3) for ckpt in (False, True)]
     memory = table(header=[""] + [f"ZeRO-{stage}\ncheckpointing {'on' if ckpt else 'off'}"
@@ -146,7 +150,13 @@ def dry_run(spec: RunSpec, world_size: int, videos: list[str]) -> None:
     console.print(memory)
     console.print("* this spec. Not counted: the framework's own buffers and the allocator's slack (on a GPU, "
                   "CUDA context and caching: leave 10-20%).")
+    if spec.model.weights_dtype == "fp8" or spec.model.activation_offload:
+        console.print(f"with this spec's {'fp8 frozen block linears (ZeRO-2 columns)' if fp8 else ''}"
+                      f"{' and ' if fp8 and spec.model.activation_offload else ''}"
+                      f"{'activation offload (checkpointing columns)' if spec.model.activation_offload else ''}")
     print_sequence_table(console, costs, family, largest, micro, dtype_bytes, checkpointing, sequence)
+    if gpu_memory is not None:
+        print_fit_table(console, costs, largest, micro, settings, dtype_bytes, world_size, gpu_memory)
     if family.image_to_video:
         encoder = family.image_encoder_parameters()
         console.print(f"image-to-video, also not counted: the conditioning VAE encoder on every rank, {encoder:,} "
@@ -175,6 +185,31 @@ def print_sequence_table(console: Any, costs: CostModel, family: ModelFamily, sh
                 rows, header=["ranks per sample", "activations MiB", "all-to-all MiB sent a micro-step", ""])
     console.print("* this spec. The all-to-alls run inside each sequence group: keep a group within a node "
                   "(README \"Sequence parallelism\"); the gradients' reduction crosses nodes as without it.")
+
+
+def print_fit_table(console: Any, costs: CostModel, shape: tuple[int, ...], micro: int,
+                    settings: dict[int, ZeroSettings], dtype_bytes: int, world_size: int, gpu_memory: float) -> None:
+    """Every way of training this spec on ``world_size`` ranks, cheapest first, and whether it fits a GPU of
+    ``gpu_memory`` GiB (trainer/fit.py)."""
+    if gpu_memory <= 0:
+        raise UserError(f"--gpu-memory {gpu_memory:g}: give the GPU's memory in GiB, e.g. 24, 40 or 80")
+    found = fit.ways(costs, shape, micro, settings, dtype_bytes, world_size)
+    fitting = [w for w in found if fit.fits(w, gpu_memory * 2**30)]
+    others = sorted((w for w in found if w not in fitting), key=lambda w: w.device_bytes)
+    rows = [("yes" if w in fitting else "no", w.describe(), f"{w.device_bytes / 2**30:,.1f}",
+             f"{w.host_bytes / 2**30:,.1f}" if w.host_bytes else "", f"{100 * w.recompute:.0f}%" if w.recompute else "",
+             f"{w.moved_bytes / 2**30:,.1f}" if w.moved_bytes else "") for w in fitting + others]
+    print_table(console, f"what fits {gpu_memory:g} GiB on {world_size} rank(s): {micro} sample(s) of latents "
+                         f"{'x'.join(map(str, shape))}; those that fit, cheapest first", rows,
+                header=["fits", "way", "GiB per rank", "host GiB", "recompute", "moved GiB a micro-step"])
+    console.print(f"fits: the estimate is at most {fit.HEADROOM:.0%} of the GPU. Cheapest: the least "
+                  f"recomputation, then the fewest bytes moved beyond the gradients' reduction (ZeRO-3's gathers, the "
+                  f"offload's copies, the all-to-alls), then without fp8.")
+    if fitting:
+        console.print(f"the cheapest that fits: --set {' --set '.join(fitting[0].spec_fields().split(', '))}")
+    else:
+        console.print(f"nothing fits {gpu_memory:g} GiB: more ranks (--ranks: ZeRO-3 and sequence groups shrink "
+                      f"with them), a smaller clip (--video), or a lower lora.rank")
 
 
 def _named(label: str) -> Callable[[str], str]:
