@@ -43,10 +43,10 @@ def write_shards(work: Path, model: Path, size: str, samples: int) -> Path:
     return out
 
 
-def write_spec(path: Path, model: Path, shards: Path, *, steps: int, stage: int = 2, log_every: int = 1,
+def write_spec(path: Path, model_dir: Path, shards: Path, *, steps: int, stage: int = 2, log_every: int = 1,
                workers: int = 2, **sections) -> Path:
     """A run spec with no checkpoints and no validation: what the benchmarks time is training alone."""
-    spec: dict[str, dict] = {"run": {"output_dir": str(path.with_suffix(""))}, "model": {"path": str(model)},
+    spec: dict[str, dict] = {"run": {"output_dir": str(path.with_suffix(""))}, "model": {"path": str(model_dir)},
             "lora": {"rank": 16}, "data": {"shards": str(shards), "num_workers": workers},
             "train": {"max_steps": steps}, "deepspeed": {"config": f"zero{stage}"},
             "checkpoint": {"every_steps": 0, "every_minutes": None}, "logging": {"every_steps": log_every}}

@@ -4,6 +4,7 @@
     python bench/step.py                     # the small model in fp32 (about 0.15 s a step here), 1 rank
     python bench/step.py --size cpu --precision bf16   # 8 blocks of 8 heads x 64, 1,570 tokens
     python bench/step.py --steps 4 --rounds 1          # the smoke test's
+    python bench/step.py --compile --checkpointing --rounds 2 --precision bf16   # compiled against eager
 
 trainer  `python launch/train.py` on synthetic shards (reader threads, noise, timesteps, loss buckets, the
          per-step stop/save decision, logging every step): step_time_s from metrics.jsonl after the warm-up
@@ -11,6 +12,8 @@ trainer  `python launch/train.py` on synthetic shards (reader threads, noise, ti
 bare     the same model, DeepSpeed config and batches, already in memory and noised:
          engine(x_t, text, t), MSE on v, engine.backward, engine.step; nothing else.
 plain    the same without DeepSpeed: forward, backward, clip, torch's AdamW (what a hand-written loop costs).
+compiled with --compile: the trainer again with train.compile (each block compiled by torch.compile), its
+         step time after the warm-up steps (the first step compiles: events.jsonl says for how long).
 The ratios trainer/bare and trainer/plain are what the trainer costs on top of the model's own compute and
 the optimizer (1.00 would be free).
 The two sides take turns (--rounds), so that the machine's drift over minutes falls on both alike; the medians
@@ -141,9 +144,9 @@ def in_memory_batches(spec, plan, model, device, dtype) -> list[tuple]:
     return batches
 
 
-def trainer(spec: Path, env: dict) -> list[dict]:
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--spec", str(spec)], env=env,
-                          capture_output=True, text=True)
+def trainer(spec: Path, env: dict, *sets: str) -> list[dict]:
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--spec", str(spec),
+                           *[a for s in sets for a in ("--set", s)]], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"the trainer failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (spec.with_suffix("") / "metrics.jsonl").read_text().splitlines()]
@@ -167,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-every", type=int, default=1, help="the trainer's logging.every_steps")
     p.add_argument("--workers", type=int, default=2, help="the trainer's data.num_workers (reader threads)")
     p.add_argument("--rounds", type=int, default=5, help="turns of trainer, bare and plain loops (default 5)")
+    p.add_argument("--compile", action="store_true", help="also time the trainer with train.compile")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on (every side)")
     p.add_argument("--bare", help=argparse.SUPPRESS)  # internal: run the bare loop on this spec, print JSON
     p.add_argument("--plain", help=argparse.SUPPRESS)  # internal: the plain-torch loop
     args = p.parse_args(argv)
@@ -180,14 +185,22 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         model = write_model(work, args.size)
         shards = write_shards(work, model, args.size, 32)
+        ckpt = {"gradient_checkpointing": args.checkpointing}
         spec = write_spec(work / "run.yaml", model, shards, steps=WARMUP_STEPS + args.steps, log_every=args.log_every,
-                          workers=args.workers, train=train)
-        same = write_spec(work / "bare.yaml", model, shards, steps=WARMUP_STEPS + args.steps, train=train)
+                          workers=args.workers, train=train, model=ckpt)
+        same = write_spec(work / "bare.yaml", model, shards, steps=WARMUP_STEPS + args.steps, train=train, model=ckpt)
         records: list[dict] = []
+        compiled: list[dict] = []
+        compile_s: list[float] = []
         times: dict[str, list[float]] = {"bare": [], "plain": []}
         for _ in range(args.rounds):
             shutil.rmtree(spec.with_suffix(""), ignore_errors=True)  # a fresh run, not a resume
             records += trainer(spec, env)
+            if args.compile:
+                shutil.rmtree(spec.with_suffix(""), ignore_errors=True)
+                compiled += trainer(spec, env, "train.compile=true")
+                events = (spec.with_suffix("") / "events.jsonl").read_text().splitlines()
+                compile_s += [json.loads(e)["seconds"] for e in events if '"compiled"' in e]
             for which in times:
                 times[which] += side(which, same, args.steps, env)
     steps = [r["step_time_s"] for r in records]
@@ -195,15 +208,22 @@ def main(argv: list[str] | None = None) -> int:
     wait = statistics.mean(r["data_wait_fraction"] for r in records)
     frames, height, width = SIZES[args.size][1]
     print(f"\n{machine()}; model '{args.size}' at {frames}x{height}x{width}, ZeRO-2, {args.precision}, 1 rank, "
-          f"micro-batch 1 x accumulation 2, trainer logging every {args.log_every} step(s); {args.rounds} round(s) "
+          f"checkpointing {'on' if args.checkpointing else 'off'}, micro-batch 1 x accumulation 2, "
+          f"trainer logging every {args.log_every} step(s); {args.rounds} round(s) "
           f"of {args.steps} timed steps each side after {WARMUP_STEPS} of warm-up")
     rows = [["trainer", trainer_s, min(steps), max(steps)]]
+    if compiled:
+        compiled_steps = [r["step_time_s"] for r in compiled]
+        rows.append(["trainer, compiled", statistics.median(compiled_steps), min(compiled_steps), max(compiled_steps)])
     rows += [[f"{which} loop", statistics.median(t), min(t), max(t)] for which, t in
              (("bare DeepSpeed", times["bare"]), ("plain torch", times["plain"]))]
     print_table("step overhead", ["", "median s/step", "min", "max"], rows)
     for which, t in times.items():
         print(f"ratio trainer/{which} (medians) = {trainer_s / statistics.median(t):.3f}")
     print(f"data wait (trainer, after warm-up) = {wait:.2%} of step time")
+    if compiled:
+        print(f"ratio compiled/eager trainer (medians) = {statistics.median(compiled_steps) / trainer_s:.3f}; "
+              f"compiling took {statistics.median(compile_s):.1f} s of the first step (median of {len(compile_s)})")
     return 0
 
 

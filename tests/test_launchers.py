@@ -168,7 +168,7 @@ def test_a_run_directory_that_is_not_shared_between_nodes_is_refused(reference, 
         if run_dir.name == "resumed":
             shutil.copytree(reference, run_dir)  # a finished 4-step run: node 0 resumes from its last checkpoint
         # the blind rank looks for half the timeout (NFS may be slow to show a new directory): keep it short
-        args = [*spec_args(tiny_5b, shards_10, run_dir), "--set", "run.collective_timeout_s=30"]
+        args = [*spec_args(tiny_5b, shards_10, run_dir), "--set", "run.collective_timeout_s=12"]
         nodes = no_ssh_nodes(tmp_path, args, node1_prefix=private)
         outputs = [node.communicate(timeout=300)[0] for node in nodes]
         assert [node.returncode for node in nodes] == [2, 2]

@@ -85,6 +85,8 @@ def sigkill_after_step_4s_checkpoint(args: tuple[str, ...], run_dir: Path) -> No
 
 def test_sigkill_at_a_random_point_after_a_checkpoint_then_resume(reference, tiny_5b, shards_10, tmp_path):
     stage, config, ref_dir = reference
+    if stage == 3:  # for the suite's time: ZeRO-3 is killed and resumed bitwise in the sequence-parallel test
+        pytest.skip("one stage is enough here; test_sequence_parallel_sigkill_then_resume_is_bitwise runs ZeRO-3")
     run_dir, args = tmp_path / "run", overrides(tiny_5b, shards_10, tmp_path / "run", config)
     sigkill_after_step_4s_checkpoint(args, run_dir)
     assert_same_run(run_dir, ref_dir)

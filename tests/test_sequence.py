@@ -97,8 +97,9 @@ def test_thirty_steps_and_validation_split_over_two_ranks_follow_the_unsplit_run
         theirs = read_mp4(whole / "samples" / "step_000030" / video.name)
         assert ours.shape == theirs.shape == (17, 96, 128, 3) and theirs.std() > 1
         # latents within 1e-5, then the VAE, 8 bits and the lossy mp4 encoder, which spreads a pixel's rounding
-        # to the next level over its block: measured 59-65 dB, where this model's two prompts are 35 dB apart
-        assert psnr(ours, theirs) >= 50, (video.name, psnr(ours, theirs))
+        # to the next level over its block: measured 49.9-65 dB over runs (which pixel crosses a rounding level
+        # moves with the last bits), where this model's two prompts are 35 dB apart
+        assert psnr(ours, theirs) >= 45, (video.name, psnr(ours, theirs))
     assert psnr(*frames) < 40
 
 
