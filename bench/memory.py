@@ -22,6 +22,7 @@ Each configuration starts its ranks (gloo on a CPU, one GPU each otherwise), bui
   start-up   the peak before the first step (model load, the engine's conversion of the model to ZeRO)
   rss        the process's peak resident memory (interpreter and libraries included)
   offloaded  with offload: the bytes the last forward pass copied to the host, and the planner's count of them
+             (exact; its host line rounds each copy up to a power of two, as torch's pinned-memory cache does)
              (on a CPU the copies are host memory too, so the peak does not fall: only a GPU shows that)
 """
 
@@ -50,7 +51,8 @@ MODES = {"plain": {}, "fp8": {"weights_dtype": "fp8"}, "ckpt": {"gradient_checkp
 
 
 def frozen_bytes(model: torch.nn.Module) -> int:
-    total = 0
+    """Frozen parameters, and fp8's per-row scales (trainer/low_memory.py), as this rank holds them."""
+    total = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if name.endswith(".weight_scale"))
     for p in model.parameters():
         if p.requires_grad:
             continue
@@ -115,7 +117,8 @@ def worker(rank: int, world_size: int, port: int, spec_path: str, steps: int, ou
         "frozen": frozen_bytes(run.model), "peak": peak, "step": step, "startup_peak": startup_peak,
         "estimate": estimate.total,
         "parts": estimate.parts, "offloaded": run.offload.offloaded_bytes if run.offload else 0,
-        "offload_estimate": sum(estimate.host.values()),
+        "offload_estimate": spec.data.micro_batch_size * run.costs.saved_activation_bytes(
+            shape, PRECISIONS[spec.train.precision].itemsize, True) if run.offload else 0,
         "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
     torch.distributed.barrier()
     os._exit(0)  # at once, together: a teardown racing the peer's aborts it now and then (bench/shapes.py)

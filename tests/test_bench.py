@@ -48,8 +48,9 @@ def test_the_step_benchmark_runs():
 
 
 def test_the_memory_benchmark_runs_and_the_estimate_is_close():
-    """And the memory modes: fp8 halves the block linears (the tiny model's embeddings, kept, weigh more than a
-    real model's: 0.56x here, 0.502x for the `cpu` model and the real configs), offload copies what it plans."""
+    """And the memory modes: fp8 halves the block linears (the tiny model's embeddings, biases and per-row scales,
+    weigh more than a real model's: 0.62x here, 0.51x for the `cpu` model, 0.503x for the real 5B), offload
+    copies what it plans."""
     out = run_bench("bench/memory.py", "--size", "tiny", "--ranks", "1", "--steps", "2", "--mode", "plain",
                     "--mode", "ckpt-fp8", "--mode", "ckpt-offload")
     for stage in (2, 3):
@@ -57,10 +58,9 @@ def test_the_memory_benchmark_runs_and_the_estimate_is_close():
         assert frozen > 0 and rss > peak > 0 and startup > 0 and 0 < step <= peak
         assert estimate == pytest.approx(peak, rel=0.25)  # the planner, against torch's allocator
     fp8 = row(out, "tiny  ZeRO-2  1 rank(s)  ckpt-fp8")
-    assert fp8[0] / row(out, "tiny  ZeRO-2  1 rank(s)  plain")[0] < 0.6
+    assert fp8[0] / row(out, "tiny  ZeRO-2  1 rank(s)  plain")[0] < 0.65
     *_, offloaded, planned = row(out, "tiny  ZeRO-2  1 rank(s)  ckpt-offload")
     assert offloaded == pytest.approx(planned, rel=0.1) and offloaded > 0
-    assert "ZeRO-3  1 rank(s)  ckpt-fp8" not in out  # refused under ZeRO-3
 
 
 def test_the_sequence_benchmark_measures_half_the_activations_and_the_planner_follows():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,10 +29,10 @@ def check_compiler(device: torch.device) -> None:
     if not torch._dynamo.is_dynamo_supported():
         raise UserError(f"train.compile: torch {torch.__version__} cannot compile on Python "
                         f"{sys.version.split()[0]} (torch.compile does not support it yet): set train.compile false")
-    if device.type == "cuda":
-        from torch.utils._triton import has_triton
+    if device.type == "cuda":  # the package alone: asking the device here would open a CUDA context on GPU 0
+        from torch.utils._triton import has_triton_package
 
-        if not has_triton():
+        if not has_triton_package():
             raise UserError("train.compile: torch.compile needs Triton on a GPU and this environment has none "
                             "(pip install triton, the version torch pins), or set train.compile false")
         return
@@ -41,11 +42,11 @@ def check_compiler(device: torch.device) -> None:
                         f"g++), which is not on PATH: install a C++ compiler or set train.compile false")
 
 
-def compile_blocks(transformer: nn.Module, block_class: str) -> int:
-    """Compile every module of class ``block_class`` in place; how many there are."""
+def compile_blocks(transformer: nn.Module, block_class: str, **options: Any) -> int:
+    """Compile every module of class ``block_class`` in place (``options``: torch.compile's); how many there are."""
     blocks = [m for m in transformer.modules() if type(m).__name__ == block_class]
     for block in blocks:
-        block.compile()
+        block.compile(**options)
     return len(blocks)
 
 

@@ -128,6 +128,7 @@ class CostModel:
         store_frozen_weights(skeleton, structure.block_prefix, getattr(torch, FP8), torch.bfloat16)
         cast = [p for p in skeleton.parameters() if p.element_size() == 1]
         self.params_cast = sum(p.numel() for p in cast)
+        self.fp8_scales = sum(b.numel() for name, b in skeleton.named_buffers() if name.endswith(".weight_scale"))
         self.block_cast = max(sum(p.numel() for p in b.parameters() if p.element_size() == 1) for b in blocks)
         self._flops: dict[tuple[int, ...], Flops] = {}
 
@@ -263,9 +264,11 @@ class CostModel:
             live = max(self.block_params + zero.prefetch_bucket_size, zero.max_live_parameters)
             device["frozen weights gathered to compute"] = min(live, self.params_frozen) * dtype_bytes
             device["LoRA weights"] = lora * dtype_bytes / world
-        elif storage_bytes is not None:  # the casting's copies in the compute dtype live until the backward
+        elif storage_bytes is not None:  # model.weights_dtype
             device["frozen weights"] = (self.params_frozen - self.params_cast) * dtype_bytes + \
-                self.params_cast * storage_bytes  # needs them: one block's with checkpointing, all without
+                self.params_cast * storage_bytes + (4 * self.fp8_scales if storage_bytes == 1 else 0)  # fp32
+            # scales per output row; the upcast copies live while the backward needs them: one block's with
+            # checkpointing, all without
             upcast = self.block_cast if checkpointing else self.params_cast
             device["frozen weights upcast to compute"] = upcast * dtype_bytes
             device["LoRA weights"] = lora * dtype_bytes
@@ -289,9 +292,12 @@ class CostModel:
         act = self.activation_bytes(latent_shape, dtype_bytes, checkpointing, sequence)
         if offload:  # what checkpointing keeps waits on the host; the block being recomputed gets its input back
             kept = self.saved_activation_bytes(latent_shape, dtype_bytes, True, sequence)
-            block_input = self._local_tokens(latent_shape, sequence) * self.hidden * dtype_bytes
-            host["offloaded activations (pinned)"] = micro_batch * kept
-            act += block_input - kept
+            video = self.video_tokens(latent_shape) // sequence * self.hidden * dtype_bytes * micro_batch
+            text = self.text_len * self.hidden * dtype_bytes * micro_batch
+            # torch's pinned-memory cache hands out blocks of a power of two bytes: each block's video and
+            # prompt streams, for every block and the two outside them
+            host["offloaded activations (pinned)"] = (self.layers + 2) * (_pow2(video) + _pow2(text))
+            act += (video + text) / micro_batch - kept
         device["activations"] = micro_batch * act
         return est
 
@@ -307,6 +313,10 @@ class CostModel:
         if offload:
             moved += 2 * micro_batch * self.saved_activation_bytes(latent_shape, dtype_bytes, True, sequence)
         return moved + micro_batch * self.exchange_bytes(latent_shape, dtype_bytes, checkpointing, sequence)
+
+
+def _pow2(nbytes: float) -> int:
+    return 1 << (int(math.ceil(nbytes)) - 1).bit_length() if nbytes >= 1 else 0
 
 
 def _linears(skeleton: nn.Module, structure: TransformerStructure) -> list[LinearLayer]:

@@ -36,8 +36,8 @@ class Way:
     moved_bytes: float  # per micro-step and rank
 
     def spec_fields(self) -> str:
-        """The spec settings that choose it (--set form)."""
-        return ", ".join([f"deepspeed.stage={self.stage}",
+        """The spec settings that choose it (--set form; the shipped DeepSpeed config of its stage)."""
+        return ", ".join([f"deepspeed.config=zero{self.stage}", f"deepspeed.stage={self.stage}",
                           f"model.gradient_checkpointing={str(self.checkpointing).lower()}",
                           *(["model.weights_dtype=fp8"] if self.fp8 else []),
                           *(["model.activation_offload=true"] if self.offload else []),

@@ -1,15 +1,16 @@
 """Memory modes, applied to a family's transformer from outside it: lower-precision storage of the frozen weights
 (model.weights_dtype) and the offload of the activations gradient checkpointing keeps (model.activation_offload).
 
-Storage: every frozen linear of the repeated blocks keeps its weight and bias in the storage dtype and reads
-them through a torch parametrization that upcasts to the compute dtype, so the upcast copy is an ordinary
-intermediate tensor: the forward frees it after the layer, and autograd keeps it for the backward only where it
-keeps activations (with gradient checkpointing, the one block being recomputed; without, every layer's; trainer/
-costs.py counts both). The LoRA layers, the norms, the embeddings and the output projection stay as loaded.
-(Diffusers' layerwise casting, which swaps the parameters' storage in place around each forward, measured
-worse here: the backward kept every block's upcast weights alive, a peak above bf16's.) ZeRO-3 is refused: it
-partitions every parameter and gathers it in its own dtype, which would undo the storage dtype and which a
-parametrized weight does not go through.
+Storage: every frozen linear of the repeated blocks keeps its weight in the storage dtype (fp8: each output row
+scaled by its largest magnitude into e4m3's range, the scales in fp32) and upcasts it to the compute dtype in
+its forward, as an ordinary intermediate tensor: the forward frees it after the layer, and autograd keeps it
+for the backward only where it keeps activations (with gradient checkpointing, the one block being recomputed;
+without, every layer's; trainer/costs.py counts both). Biases, the LoRA layers, the norms, the embeddings and the
+output projection stay as loaded. Two library ways were measured first and rejected: diffusers' layerwise
+casting swaps the parameters' storage around each forward and its backward kept every block's upcast weights
+alive (a peak above bf16's); a torch parametrization keeps the memory right but gives each layer its own class,
+so torch.compile recompiled every block (and gave up after 8). Neither scales fp8, which flushes small weights
+to zero. ZeRO-3 is refused: it partitions every parameter and gathers it in its own dtype.
 
 Offload: torch's saved-tensor hooks around the forward pass. With non-reentrant checkpointing (diffusers'
 default) what autograd saves outside the checkpointed blocks is each block's inputs (and the embeddings' and
@@ -27,6 +28,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import UserError
@@ -44,12 +46,15 @@ def storage_dtype(weights_dtype: str | None, compute: torch.dtype) -> torch.dtyp
 
 
 def check_weights(weights_dtype: str | None, compute: torch.dtype, stage: int, torch_module: Any = torch) -> None:
-    """Refuse what cannot work before any weights load: fp8 on a torch without float8 dtypes, and a storage
-    dtype other than the compute dtype under ZeRO-3."""
+    """Refuse what cannot work before any weights load: fp8 on a torch without float8 dtypes, bf16 storage in an
+    fp16 run, and a storage dtype other than the compute dtype under ZeRO-3."""
     if weights_dtype == "fp8" and not isinstance(getattr(torch_module, FP8, None), torch.dtype):
         raise UserError(f"model.weights_dtype: fp8 needs torch's float8 dtypes (torch.{FP8}, torch >= 2.1), and "
                         f"this torch {torch_module.__version__} has none: install a newer torch (launch/"
                         f"setup_env.sh) or leave model.weights_dtype null")
+    if weights_dtype == "bf16" and compute == torch.float16:
+        raise UserError("model.weights_dtype bf16 with train.precision fp16: DeepSpeed casts every bf16 parameter "
+                        "of an fp16 run to fp16; use fp8 to store the weights smaller, or leave it null")
     if stage == 3 and storage_dtype(weights_dtype, compute) is not None:
         raise UserError(f"model.weights_dtype {weights_dtype} with ZeRO-3: ZeRO-3 partitions every frozen weight "
                         f"and gathers it for each layer itself, which the stored dtype would have to go through, and "
@@ -57,35 +62,52 @@ def check_weights(weights_dtype: str | None, compute: torch.dtype, stage: int, t
                         f"every rank), or ZeRO-3 with model.weights_dtype null (it divides the weights over the ranks)")
 
 
-class _Upcast(nn.Module):
-    """A parametrization: the stored weight, in the compute dtype, each time the layer reads it."""
+class StoredLinear(nn.Linear):
+    """A frozen nn.Linear whose weight is stored narrower (fp8: each output row scaled into e4m3's range, the
+    scale kept in fp32) and upcast to the compute dtype in each forward, as an ordinary intermediate tensor. One
+    class for every such layer, so that torch.compile compiles a block once for all of them."""
 
-    def __init__(self, dtype: torch.dtype):
-        super().__init__()
-        self.dtype = dtype
+    compute_dtype: torch.dtype
+    weight_scale: torch.Tensor | None
 
-    def forward(self, stored: torch.Tensor) -> torch.Tensor:
-        return stored.to(self.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(self.compute_dtype)
+        if self.weight_scale is not None:
+            weight = weight * self.weight_scale.to(self.compute_dtype)
+        return F.linear(x, weight, self.bias)
 
 
 def store_frozen_weights(transformer: nn.Module, block_prefix: str, storage: torch.dtype,
                          compute: torch.dtype) -> int:
-    """Store the frozen linears of the blocks under ``block_prefix`` ("transformer_blocks.") in ``storage``,
-    read in ``compute`` (torch's parametrizations); how many linears."""
-    from torch.nn.utils import parametrize
-
+    """Store the frozen linears' weights of the blocks under ``block_prefix`` ("transformer_blocks.") in
+    ``storage`` (biases stay as loaded), read in ``compute``; how many linears."""
     count = 0
     for name, module in transformer.named_modules():
-        if not (isinstance(module, nn.Linear) and name.startswith(block_prefix) and ".lora_" not in name):
-            continue
-        for key in ("weight", "bias"):
-            param = getattr(module, key)
-            if param is None or param.requires_grad:
-                continue
-            param.data = param.data.to(storage)
-            parametrize.register_parametrization(module, key, _Upcast(compute), unsafe=True)  # unsafe: a new dtype
+        if type(module) is not nn.Linear or not name.startswith(block_prefix) or module.weight.requires_grad:
+            continue  # (peft's lora_A and lora_B are trainable)
+        weight = module.weight.data
+        scale = None
+        if storage.itemsize == 1:  # without a scale, small weights (std 0.02) fall to e4m3's subnormals and zero
+            scale = weight.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / torch.finfo(storage).max
+            weight = weight.float() / scale
+        module.weight.data = weight.to(storage)
+        module.register_buffer("weight_scale", scale, persistent=False)
+        module.compute_dtype = compute
+        module.__class__ = StoredLinear
         count += 1
     return count
+
+
+def check_stored(transformer: nn.Module, storage: torch.dtype) -> None:
+    """After the engine is built: the stored weights are still in ``storage`` (a DeepSpeed that casts every
+    floating-point parameter to the compute dtype would undo it silently; 0.19 leaves float8 alone)."""
+    import deepspeed
+
+    changed = {m.weight.dtype for m in transformer.modules() if isinstance(m, StoredLinear)} - {storage}
+    if changed:
+        raise UserError(f"model.weights_dtype: DeepSpeed {deepspeed.__version__} cast the stored frozen weights to "
+                        f"{', '.join(map(str, changed))}; this needs a DeepSpeed that leaves {storage} parameters "
+                        f"as they are (launch/constraints.txt pins one)")
 
 
 def stored_bytes(module: nn.Module, frozen: bool = True) -> int:
@@ -129,7 +151,9 @@ class ActivationOffload:
             self._seen = {}  # the packed tensors live in the graph now, not here
 
     def _pack(self, tensor: torch.Tensor) -> Any:
-        if isinstance(tensor, nn.Parameter) or tensor.device != self.device or tensor.layout != torch.strided:
+        if isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter):  # (F.linear saves weight.t())
+            return tensor
+        if tensor.device != self.device or tensor.layout != torch.strided:
             return tensor
         seen = self._seen.get(id(tensor))  # the same tensor saved again by the next block: one host copy
         if seen is not None and seen[0]() is tensor and seen[1] == tensor._version:

@@ -71,10 +71,8 @@ def preflight(spec: RunSpec) -> Plan:
     ds_config = assemble_config(spec, layout.data_size)
     low_memory.check_weights(spec.model.weights_dtype, PRECISIONS[spec.train.precision],
                              ds_config["zero_optimization"]["stage"])
-    if spec.model.activation_offload:
-        low_memory.check_pinned_memory(default_device())
     if spec.train.compile:
-        compiled.check_compiler(default_device())
+        compiled.check_compiler(torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # no context yet
     point = resume.plan(spec, world_size, ds_config)
     return Plan(family, shapes, objective, shards, ds_config, point, validation_shards)
 
@@ -116,6 +114,8 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
     watchdog.start()
     if not torch.cuda.is_available():
         share_cpu_threads()
+    if spec.model.activation_offload:  # after init_distributed chose this rank's GPU (before, it would open a
+        low_memory.check_pinned_memory(default_device())  # CUDA context on GPU 0 from every rank)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its per-rank INFO lines drown the progress
     # DeepSpeed calls torch collectives that torch marks deprecated; one warning per rank per call site.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
@@ -152,6 +152,8 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
         compiled.compile_blocks(model.transformer, structure.block_class)
     watchdog.progress("building the DeepSpeed engine")
     engine = build_engine(spec, model, plan.ds_config, mpu)
+    if storage is not None:
+        low_memory.check_stored(model.transformer, storage)
     engine.train()  # diffusers' from_pretrained leaves the module in eval mode (LoRA dropout off)
     noise = torch.Generator(device=engine.device)
     timesteps = TimestepSampler(

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from trainer.dtypes import PRECISIONS
 from trainer.families.base import ModelFamily, SampleSettings, VideoModel
+from trainer.low_memory import storage_dtype
 from trainer.parallel import ParallelLayout
 from trainer.reporting.writers import Reporter
 from trainer.resume import ResumePoint
@@ -84,8 +86,9 @@ def print_startup(reporter: Reporter, *, spec: RunSpec, layout: ParallelLayout, 
 def memory_modes(spec: RunSpec, model: VideoModel) -> str:
     """The memory and speed modes a run has on (trainer/low_memory.py, trainer/compiled.py), in one line."""
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    stored = storage_dtype(spec.model.weights_dtype, PRECISIONS[spec.train.precision]) is not None
     parts = [f"frozen block linears stored in {spec.model.weights_dtype} ({frozen / 2**20:,.1f} MiB of frozen "
-             f"weights on this rank)" if spec.model.weights_dtype else "",
+             f"weights on this rank)" if stored else "",
              "activation offload: the checkpointed block inputs wait in host memory" if spec.model.activation_offload
              else "", "torch.compile of each transformer block, at the first step" if spec.train.compile else ""]
     return "; ".join(filter(None, parts))
