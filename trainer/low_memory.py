@@ -92,7 +92,7 @@ def store_frozen_weights(transformer: nn.Module, block_prefix: str, storage: tor
             weight = weight.float() / scale
         module.weight.data = weight.to(storage)
         module.register_buffer("weight_scale", scale, persistent=False)
-        module.compute_dtype = compute
+        setattr(module, "compute_dtype", compute)  # noqa: B010 (mypy types a module attribute as Tensor | Module)
         module.__class__ = StoredLinear
         count += 1
     return count
