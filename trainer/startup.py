@@ -148,7 +148,7 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
     storage = low_memory.storage_dtype(spec.model.weights_dtype, dtype)
     if storage is not None:  # before the engine: it moves the stored (smaller) weights to the device
         low_memory.store_frozen_weights(model.transformer, structure.block_prefix, storage, dtype)
-    if spec.train.compile:  # last: the blocks compile with the split's processors and the casting hooks in them
+    if spec.train.compile:  # last: the blocks compile with the split's processors and the stored linears in them
         compiled.compile_blocks(model.transformer, structure.block_class)
     watchdog.progress("building the DeepSpeed engine")
     engine = build_engine(spec, model, plan.ds_config, mpu)
