@@ -113,12 +113,12 @@ def test_the_sbatch_script_takes_a_sequence_group_and_says_when_it_spans_nodes(c
     one task a node the group spans both nodes, which the trainer warns about (its all-to-alls cross the
     network) and still trains."""
     run_dir, log = tmp_path / "run", tmp_path / "job.log"
-    args = [*train_args(tiny_5b, shards_10, run_dir), "--set", "train.max_steps=20", "--set", "lora.dropout=0.0",
+    args = [*train_args(tiny_5b, shards_10, run_dir), "--set", "train.max_steps=6", "--set", "lora.dropout=0.0",
             "--set", "parallel.sequence=2"]
     text = finished(*[submit(cluster, "launch/slurm/train.sbatch", log, *args)[0]], log)
     assert "1 data-parallel x 2 sequence-parallel" in text
     assert "parallel.sequence 2 with 1 rank(s) on this node: a sequence group spans nodes" in text
-    assert [m["optimizer_step"] for m in read_metrics(run_dir)] == list(range(1, 21))
+    assert [m["optimizer_step"] for m in read_metrics(run_dir)] == list(range(1, 7))
     assert all(t.isfinite().all() for t in lora(run_dir).values()) and "ranks exited with status 0" in text
 
 

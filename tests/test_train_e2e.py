@@ -102,7 +102,8 @@ def assert_export_applies(lora_dir: Path, model_dir: Path, spec_file: Path,
     set_peft_model_state_dict(wrong, {k.removeprefix("transformer."): v for k, v in tensors.items()})
     assert (wrong(**inputs)[0] - with_lora).abs().max() > 1e-4
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3 only, for the suite's time: 2 ranks under ZeRO-2 learn and export in the mp4 and 1.5 tests below
+@pytest.mark.parametrize("stage", [3])
 def test_two_ranks_learn_and_export_a_lora_diffusers_loads(stage, tiny_5b, shards_5b, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train(REPO / "examples" / "tiny.yaml", ranks=2, overrides=(

@@ -70,7 +70,9 @@ def run_tool(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+# ZeRO-3 only, for the suite's time: it is the stage whose validation gathers the partitioned weights for the
+# pipeline; ZeRO-2's validation videos run in the 1.5 and image-to-video end-to-end tests
+@pytest.mark.parametrize("stage", [3], ids=["zero3"])
 def test_validation_videos_loss_and_tools_leave_training_unchanged(stage, tmp_path, tiny_5b, shards_10):
     runs = {}
     for name, validation in (("with", True), ("without", False)):
