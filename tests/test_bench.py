@@ -88,9 +88,8 @@ def test_the_shapes_benchmark_runs_and_the_trainers_steps_hold_one_shape():
 
 
 def test_the_gpu_benchmark_runs_at_tiny_size():
-    out = run_bench("bench/gpu.py", "--tiny", "--steps", "1")
-    for name in ("2b (tiny), ZeRO-2, checkpointing off", "2b (tiny), ZeRO-2, checkpointing on",
-                 "5b (tiny), ZeRO-2, checkpointing off", "5b (tiny), ZeRO-2, checkpointing on",
+    out = run_bench("bench/gpu.py", "--tiny", "--steps", "1", "--shape", "5b")  # (2b: the same path, for time)
+    for name in ("5b (tiny), ZeRO-2, checkpointing off", "5b (tiny), ZeRO-2, checkpointing on",
                  "5b (tiny), ZeRO-3, checkpointing on"):
         seconds, tflops, *_ = row(out, name)
         assert seconds > 0 and tflops > 0
