@@ -1,9 +1,10 @@
 """train.compile: regional compilation of the transformer, applied from outside it.
 
 Each repeated block is compiled with torch.compile (``module.compile()``, what diffusers'
-``compile_repeated_blocks`` does for models that name their blocks): the blocks share one code object, so one
-compilation serves them all, with their LoRA layers, gradient checkpointing (the checkpoint calls the compiled
-block, and its recomputation reuses the graph) and ZeRO's hooks around it. A new clip shape compiles once more.
+``compile_repeated_blocks`` does for models that name their blocks): the blocks share one code object, so two
+graphs serve them all (the first block's input is a strided slice of the embeddings, the others' contiguous),
+with their LoRA layers, fp8 storage, gradient checkpointing (the checkpoint calls the compiled block, and its
+recomputation reuses the graph) and ZeRO's hooks around it. A new clip shape compiles once more.
 Compilation happens at the first step; ``compile_seconds`` says how long torch spent in it.
 """
 

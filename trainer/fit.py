@@ -58,6 +58,7 @@ def ways(costs: CostModel, shape: tuple[int, ...], micro: int, zero: dict[int, Z
     """Every combination that can run on ``world_size`` ranks, cheapest first."""
     tokens, flops = costs.video_tokens(shape), costs.flops(shape)
     groups = [n for n in SEQUENCE_GROUPS if world_size % n == 0 and costs.heads % n == 0 and tokens % n == 0]
+    recomputed = flops.train_checkpointed / flops.train - 1
     found = []
     for stage, settings in zero.items():
         for checkpointing in (False, True):
@@ -67,9 +68,8 @@ def ways(costs: CostModel, shape: tuple[int, ...], micro: int, zero: dict[int, Z
                         est = costs.memory(shape, micro, settings, dtype_bytes, checkpointing, n,
                                            storage_bytes=1 if fp8 else None, offload=offload)
                         moved = costs.moved_bytes(shape, micro, settings, dtype_bytes, checkpointing, n, offload)
-                        recompute = flops.train_checkpointed / flops.train - 1 if checkpointing else 0.0
                         found.append(Way(stage, checkpointing, fp8, offload, n, est.total, sum(est.host.values()),
-                                         recompute, moved))
+                                         recomputed if checkpointing else 0.0, moved))
     return sorted(found, key=Way.cost_key)
 
 

@@ -65,7 +65,7 @@ def check_weights(weights_dtype: str | None, compute: torch.dtype, stage: int, t
 class StoredLinear(nn.Linear):
     """A frozen nn.Linear whose weight is stored narrower (fp8: each output row scaled into e4m3's range, the
     scale kept in fp32) and upcast to the compute dtype in each forward, as an ordinary intermediate tensor. One
-    class for every such layer, so that torch.compile compiles a block once for all of them."""
+    class for every such layer, so that torch.compile's graph of one block serves the others."""
 
     compute_dtype: torch.dtype
     weight_scale: torch.Tensor | None
@@ -110,9 +110,9 @@ def check_stored(transformer: nn.Module, storage: torch.dtype) -> None:
                         f"as they are (launch/constraints.txt pins one)")
 
 
-def stored_bytes(module: nn.Module, frozen: bool = True) -> int:
-    """Bytes of the (frozen) parameters as they are stored."""
-    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad != frozen)
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes of the frozen parameters as they are stored."""
+    return sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
 
 
 def check_pinned_memory(device: torch.device) -> None:

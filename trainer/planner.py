@@ -150,10 +150,10 @@ def dry_run(spec: RunSpec, world_size: int, videos: list[str], gpu_memory: float
     console.print(memory)
     console.print("* this spec. Not counted: the framework's own buffers and the allocator's slack (on a GPU, "
                   "CUDA context and caching: leave 10-20%).")
-    if spec.model.weights_dtype == "fp8" or spec.model.activation_offload:
-        console.print(f"with this spec's {'fp8 frozen block linears (ZeRO-2 columns)' if fp8 else ''}"
-                      f"{' and ' if fp8 and spec.model.activation_offload else ''}"
-                      f"{'activation offload (checkpointing columns)' if spec.model.activation_offload else ''}")
+    modes = [*(["fp8 frozen block linears (ZeRO-2 columns)"] if fp8 else []),
+             *(["activation offload (checkpointing columns)"] if spec.model.activation_offload else [])]
+    if modes:
+        console.print(f"with this spec's {' and '.join(modes)}")
     print_sequence_table(console, costs, family, largest, micro, dtype_bytes, checkpointing, sequence)
     if gpu_memory is not None:
         print_fit_table(console, costs, largest, micro, settings, dtype_bytes, world_size, gpu_memory)
@@ -204,7 +204,7 @@ def print_fit_table(console: Any, costs: CostModel, shape: tuple[int, ...], micr
                 header=["fits", "way", "GiB per rank", "host GiB", "recompute", "moved GiB a micro-step"])
     console.print(f"fits: the estimate is at most {fit.HEADROOM:.0%} of the GPU. Cheapest: the least "
                   f"recomputation, then the fewest bytes moved beyond the gradients' reduction (ZeRO-3's gathers, the "
-                  f"offload's copies, the all-to-alls), then without fp8.")
+                  f"offload's copies, the all-to-alls), then without fp8, then ZeRO-2 before ZeRO-3.")
     if fitting:
         console.print(f"the cheapest that fits: --set {' --set '.join(fitting[0].spec_fields().split(', '))}")
     else:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from trainer.dtypes import PRECISIONS
 from trainer.families.base import ModelFamily, SampleSettings, VideoModel
-from trainer.low_memory import storage_dtype
+from trainer.low_memory import storage_dtype, stored_bytes
 from trainer.parallel import ParallelLayout
 from trainer.reporting.writers import Reporter
 from trainer.resume import ResumePoint
@@ -47,7 +47,7 @@ def print_startup(reporter: Reporter, *, spec: RunSpec, layout: ParallelLayout, 
                         f"each rank of a group holds 1/{layout.sequence} of a sample's video tokens, and all-to-alls "
                         f"them for 1/{layout.sequence} of the heads in every attention")]
           if layout.sequence > 1 else []),
-        *([("memory", memory_modes(spec, model))] if memory_modes(spec, model) else []),
+        *([("memory", modes)] if (modes := memory_modes(spec, model)) else []),
         ("data", f"{len(index.samples):,} samples in {shards} shard(s)"),
         *([("conditioning", f"first frame, noised (sigma = exp(N(-3, 0.5))) and VAE-encoded each step on "
                             f"{engine.device.type}; dropout {spec.data.image_dropout:g}")]
@@ -85,7 +85,7 @@ def print_startup(reporter: Reporter, *, spec: RunSpec, layout: ParallelLayout, 
 
 def memory_modes(spec: RunSpec, model: VideoModel) -> str:
     """The memory and speed modes a run has on (trainer/low_memory.py, trainer/compiled.py), in one line."""
-    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    frozen = stored_bytes(model)
     stored = storage_dtype(spec.model.weights_dtype, PRECISIONS[spec.train.precision]) is not None
     parts = [f"frozen block linears stored in {spec.model.weights_dtype} ({frozen / 2**20:,.1f} MiB of frozen "
              f"weights on this rank)" if stored else "",
