@@ -15,17 +15,26 @@ from data_tools.synth import write_synthetic_shards  # noqa: E402
 from data_tools.synth_videos import write_synthetic_videos  # noqa: E402
 from data_tools.tiny_model import write_tiny_model  # noqa: E402
 
+# DeepSpeed's CPU shared-memory all-reduce never unlinks /dev/shm/deepspeed_allreduce_buffer_* (about 100 MB per
+# rank and run, named by the master port): a test session would fill the machine's RAM. The session removes the
+# ones it created once every rank it started has exited: in the controlling process, which under pytest-xdist
+# finishes after its workers (a worker that removed them could pull one from under the other worker's ranks).
+SHM_BEFORE = pytest.StashKey[set]()
 
-@pytest.fixture(scope="session", autouse=True)
-def no_leaked_shm_buffers():
-    """DeepSpeed's CPU shared-memory all-reduce never unlinks /dev/shm/deepspeed_allreduce_buffer_* (about 100 MB
-    per rank and run, named by the master port): a test session would fill the machine's RAM. Remove the ones
-    this session created, once every rank it started has exited."""
-    shm = Path("/dev/shm")
-    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
-    yield
-    for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
-        path.unlink(missing_ok=True)
+
+def _shm_buffers() -> set[Path]:
+    return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):
+        session.config.stash[SHM_BEFORE] = _shm_buffers()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not hasattr(session.config, "workerinput"):
+        for path in _shm_buffers() - session.config.stash.get(SHM_BEFORE, set()):
+            path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

@@ -203,6 +203,7 @@ def start_rank(rank: int, port: int, args: tuple[str, ...], output=subprocess.PI
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("fault", ["killed", "hung"])
 def test_a_dead_rank_stops_the_other_within_the_timeout(fault, tiny_5b, shards_10, tmp_path):
     bound = 20
@@ -226,6 +227,7 @@ def test_a_dead_rank_stops_the_other_within_the_timeout(fault, tiny_5b, shards_1
     assert "lost contact with another rank" in output, output[-3000:]
 
 
+@pytest.mark.serial
 def test_the_launcher_returns_non_zero_when_a_rank_dies(tiny_5b, shards_10, tmp_path):
     import psutil
 
@@ -269,6 +271,7 @@ def stop_rank_once_it_is(rank: subprocess.Popen, number: int, store, doing: str)
     assert not done and count >= 1, (host, count, done)
 
 
+@pytest.mark.serial
 def test_start_up_has_its_own_bound_and_names_the_rank_that_outlives_it(tiny_5b, shards_10, tmp_path):
     def ranks(name: str, *settings: str) -> tuple[subprocess.Popen, subprocess.Popen, torch.distributed.Store]:
         args = overrides(tiny_5b, shards_10, tmp_path / name, "train.max_steps=2", *settings)
