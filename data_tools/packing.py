@@ -31,10 +31,9 @@ from trainer.dtypes import PRECISIONS, torch_name
 from trainer.errors import UserError
 from trainer.families.base import Encoders
 from trainer.files import atomic_write
-from trainer.shard_format import IMAGE, encode_sample
+from trainer.shard_format import EMPTY_PROMPT, IMAGE, encode_sample
 
 FORMAT = "cogvideox-lora-trainer shards v1"
-EMPTY_PROMPT = "empty_prompt.safetensors"
 
 
 @dataclass(frozen=True)

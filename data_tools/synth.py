@@ -17,10 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from trainer.errors import EXIT_USER_ERROR, UserError
 from trainer.families import load_family
-from trainer.shard_format import encode_sample
+from trainer.shard_format import EMPTY_PROMPT, encode_sample
 
 COLOURS = ["red", "green", "blue", "yellow", "white", "orange", "purple", "cyan"]
 SHAPES = ["ball", "square", "triangle", "ring"]
@@ -63,6 +64,8 @@ def write_synthetic_shards(model_dir: Path, out: Path, samples: int, samples_per
     encode = family.prompt_encoder(torch.device("cpu"), torch.float32)
     embeds = [encode(text) for text in captions]
     out.mkdir(parents=True, exist_ok=True)
+    # the empty caption's embedding, as data_tools/shard.py writes it (caption dropout trains on it)
+    save_file({"prompt_embeds": encode("").to(torch.bfloat16).contiguous()}, str(out / EMPTY_PROMPT))
     with wds.ShardWriter(str(out / "train-%06d.tar"), maxcount=samples_per_shard, encoder=False, verbose=0) as sink:
         for i, text in enumerate(captions):
             meta = {"caption": text, "source": "synthetic", "fps": native.fps, "num_frames": frames,

@@ -79,10 +79,15 @@ def run_python(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
-    """The exported LoRA tensors are torch.equal and every optimizer step logged the same loss, once."""
+    """The exported LoRA tensors (and the moving average's, where the reference has one) are torch.equal and
+    every optimizer step logged the same loss and caption-dropout fraction, once."""
     assert_equal_lora(lora(run_dir), lora(reference))
-    losses = [(m["optimizer_step"], m["loss"]) for m in read_metrics(run_dir)]
-    assert losses == [(m["optimizer_step"], m["loss"]) for m in read_metrics(reference)]
+    if (reference / "lora_ema").is_dir():
+        assert_equal_lora(lora_file(run_dir / "lora_ema"), lora_file(reference / "lora_ema"))
+    def logged(run: Path) -> list:
+        return [(m["optimizer_step"], m["loss"], m.get("caption_dropout_fraction")) for m in read_metrics(run)]
+
+    assert logged(run_dir) == logged(reference)
 
 
 def read_metrics(run_dir: Path, validation: bool = False) -> list[dict]:
@@ -123,3 +128,42 @@ def skip_or_fail(reason: str) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wandb_records(run_file: Path) -> list:
+    """The records of an offline W&B run file (``run-<id>.wandb``), parsed with wandb's own protobuf schema.
+    wandb 0.31 writes them from its Go core and no longer ships its Python reader, so the file's framing
+    (LevelDB's log format behind a 7-byte ``:W&B`` header: 32 KiB blocks of records with a 7-byte header each,
+    a record split over blocks as FIRST, MIDDLE..., LAST) is read here."""
+    import struct
+    import zlib  # noqa: F401 (the checksum is the log format's masked CRC-32C; not checked here)
+
+    from wandb.proto import wandb_internal_pb2
+
+    raw, block, header = run_file.read_bytes(), 32768, 7
+    ident, magic, version = struct.unpack("<4sHB", raw[:header])
+    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), (ident, magic, version)
+    records, index, parts = [], header, b""
+    while index < len(raw):
+        if block - index % block < header:  # the rest of a block too short for a header is padding
+            index += block - index % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[index:index + header])
+        data = raw[index + header:index + header + length]
+        index += header + length
+        parts = data if kind in (1, 2) else parts + data  # FULL, FIRST start a record; MIDDLE, LAST go on
+        if kind in (1, 4):  # FULL, LAST end it
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            records.append(record)
+    return records
+
+
+def wandb_history(run_file: Path) -> list[dict]:
+    """The history rows (what run.log wrote) of an offline W&B run file, values decoded from JSON."""
+    rows = []
+    for record in wandb_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows

@@ -16,11 +16,11 @@ LAYERS = [
     # 0: no trainer imports
     ["trainer", "errors", "rng", "files", "dtypes", "reporting", "reporting.tables"],
     # 1: the contracts: the process environment, the spec, the shard format, the rank layout, the objective
-    ["process_env", "spec", "shard_format", "parallel", "diffusion", "watchdog", "media"],
+    ["process_env", "spec", "shard_format", "parallel", "diffusion", "watchdog", "media", "reporting.wandb_run"],
     # 2: what the contracts are made into
     ["shard_index", "state", "families.base", "engine", "reporting.writers", "low_memory", "compiled"],
     ["families.cogvideox_pipeline", "families.cogvideox_i2v", "families.cogvideox_ulysses", "sequence", "data",
-     "checkpoint", "faults", "reporting.interval"],
+     "checkpoint", "faults", "reporting.interval", "ema"],
     ["families.cogvideox", "resume", "sampling"],
     ["families", "costs", "reporting.run_dir"],  # families: the registry, above every family
     ["export", "reporting.startup_table", "fit"],

@@ -177,3 +177,24 @@ def test_sample_and_export_tools_name_the_bad_option(tmp_path, tiny_5b):
                     f"--checkpoint: {half} is not a complete checkpoint (no complete.json)")
     # the command it replaced says where it went
     tool_fails_with(["-m", "trainer.export", "--checkpoint", str(half)], "python launch/export.py")
+
+
+def test_recipe_settings_the_data_or_the_machine_cannot_serve(tmp_path, good_spec, tiny_5b):
+    """Caption dropout over shards without the empty caption's embedding (the file named), W&B online without
+    an API key, a timestep range past the schedule, and validation with an average that is not kept: refused
+    before any work."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(good_spec["data"]["shards"], bare)
+    (bare / "empty_prompt.safetensors").unlink()
+    fails_with(tmp_path, {**good_spec, "data": {"shards": str(bare), "caption_dropout": 0.1}},
+               f"data.caption_dropout: {bare / 'empty_prompt.safetensors'} is missing")
+    home = tmp_path / "home"  # no ~/.netrc: nothing `wandb login` wrote
+    home.mkdir()
+    env = {"HOME": str(home), "WANDB_API_KEY": "", "NETRC": str(home / ".netrc")}
+    fails_with(tmp_path, {**good_spec, "logging": {"wandb": {"project": "p"}}},
+               "logging.wandb.mode is online, but W&B has no API key here: run `wandb login`", env=env)
+    fails_with(tmp_path, {**good_spec, "train": {"max_steps": 2, "timestep_sampling": {"range": [0, 1000]}}},
+               "train.timestep_sampling.range: [0, 1000] goes past the model's last timestep (999")
+    fails_with(tmp_path, {**good_spec, "validation": {"use_ema": True}}, "validation.use_ema", "set train.ema")

@@ -324,3 +324,51 @@ def test_decode_rejects_missing_members_and_non_safetensors():
     with pytest.raises(ShardError, match="the json member is not valid JSON"):
         decode_sample({**raw, "json": b"{"})
     assert json.loads(raw["json"]) == META
+
+
+def test_caption_dropout_is_drawn_per_sample_and_epoch_whatever_the_ranks(tmp_path, shapes):
+    """data.caption_dropout: the dropped samples train with the folder's empty-caption embedding; which ones is
+    a function of (seed, sample, epoch), so 1 and 2 ranks drop the same, a resumed run too, and the fraction is
+    the probability's."""
+    from safetensors.torch import save_file
+
+    from trainer.data import caption_dropped, load_empty_prompts
+    from trainer.shard_format import EMPTY_PROMPT
+
+    paths = write_shards(tmp_path / "d", [[(4, 3, 12, 16)] * 10] * 4)  # prompts are zeros
+    with pytest.raises(UserError, match=rf"data.caption_dropout: {re.escape(str(tmp_path / 'd' / EMPTY_PROMPT))} "
+                                        r"is missing: .*data_tools/shard.py"):
+        load_empty_prompts(paths, shapes.prompt_shape)
+    save_file({"prompt_embeds": torch.ones(3, 32)}, str(tmp_path / "d" / EMPTY_PROMPT))
+    with pytest.raises(UserError, match=r"shape \[3, 32\], the model's are \[226, 32\]"):
+        load_empty_prompts(paths, shapes.prompt_shape)
+    save_file({"prompt_embeds": torch.ones(226, 32)}, str(tmp_path / "d" / EMPTY_PROMPT))
+    empty = load_empty_prompts(paths, shapes.prompt_shape)
+    index = build_index(paths, shapes)
+
+    def drops(data, ks) -> set[tuple[tuple[int, int], int]]:
+        out = set()
+        for k in ks:
+            batch = data[k]
+            rows = batch.prompt_embeds.flatten(1).eq(1).all(1)
+            assert batch.captions_dropped == int(rows.sum())  # the empty caption's embedding, nothing else
+            assert batch.prompt_embeds[~rows].eq(0).all()
+            out |= {(batch.position, sample) for sample, row in zip(sample_ids(batch), rows.tolist(),
+                                                                     strict=True) if row}
+        return out
+
+    def data(**kw):
+        return MicroBatches(index, seed=7, micro_batch_size=1, shapes=shapes, caption_dropout=0.3,
+                            empty_prompts=empty, **{"rank": 0, "world_size": 1, **kw})
+
+    one = drops(data(group=2), range(200))  # 5 epochs of 40
+    two = drops(data(rank=0, world_size=2), range(100)) | drops(data(rank=1, world_size=2), range(100))
+    assert one == two
+    resumed = drops(data(group=2, position=DataPosition(2, 6, 2)), range(200 - 86))
+    assert resumed == {d for d in one if d[0] >= (2, 6)}
+    assert 0.2 < len(one) / 200 < 0.4  # 30 % of 200 draws
+    per_epoch = [{s for (p, s) in one if p[0] == e} for e in range(5)]
+    assert per_epoch[0] != per_epoch[1]  # drawn again each epoch
+    draws = [caption_dropped(7, e, i, 0.3) for e in range(100) for i in range(100)]
+    assert abs(sum(draws) / len(draws) - 0.3) < 0.015  # 10,000 draws: 3.3 standard deviations
+    assert not any(caption_dropped(7, e, i, 0.0) for e in range(10) for i in range(10))

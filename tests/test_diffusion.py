@@ -4,15 +4,17 @@ formula diffusers' CogVideoX LoRA example builds from the scheduler's add_noise/
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler
 
-from trainer.diffusion import TimestepSampler, stratified_slots, stratified_timesteps
+from trainer.diffusion import TimestepDistribution, TimestepSampler, stratified_slots, stratified_timesteps
 from trainer.errors import UserError
 from trainer.families import family_for
 from trainer.families.cogvideox import CogVideoX
+from trainer.rng import Stream, derive_seed
 
 T = 1000
 
@@ -132,8 +134,8 @@ def test_stratified_sampler_covers_the_global_batch_across_ranks_and_micro_steps
     world, micro, accum = 3, 2, 2
     drawn = []
     for rank in range(world):
-        sampler = TimestepSampler("stratified", seed=1, rank=rank, world_size=world, micro_batch=micro,
-                                  accumulation=accum, num_train_timesteps=T, generator=torch.Generator())
+        sampler = TimestepSampler(TimestepDistribution(T), True, seed=1, rank=rank, world_size=world,
+                                  micro_batch=micro, accumulation=accum, generator=torch.Generator())
         for micro_step in range(accum):
             drawn.extend(sampler(7, micro_step).tolist())
     global_batch = world * micro * accum
@@ -142,8 +144,100 @@ def test_stratified_sampler_covers_the_global_batch_across_ranks_and_micro_steps
 
 def test_uniform_sampler_draws_from_its_generator():
     gen = torch.Generator().manual_seed(0)
-    sampler = TimestepSampler("uniform", seed=1, rank=0, world_size=1, micro_batch=4096, accumulation=1,
-                              num_train_timesteps=T, generator=gen)
+    sampler = TimestepSampler(TimestepDistribution(T), False, seed=1, rank=0, world_size=1, micro_batch=4096,
+                              accumulation=1, generator=gen)
     ts = sampler(1, 0)
     assert ts.min() == 0 and ts.max() == T - 1 and len(set(ts.tolist())) > 900
     assert not torch.equal(ts, sampler(1, 0))  # independent draws, even within one step
+
+
+def pmf(kind: str, mean: float, std: float, low: int, high: int) -> list[float]:
+    """P(t) on low..high from the definition (math.erf, not the trainer's torch code): uniform, or t/T =
+    sigmoid(mean + std * z) conditioned on the range."""
+    def cdf(edge: int) -> float:  # P(s < edge / T)
+        if kind == "uniform":
+            return edge / T
+        if edge <= 0 or edge >= T:
+            return 0.0 if edge <= 0 else 1.0
+        z = (math.log(edge / (T - edge)) - mean) / std
+        return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+    masses = [cdf(t + 1) - cdf(t) for t in range(low, high + 1)]
+    return [m / sum(masses) for m in masses]
+
+
+def chi_square(draws: torch.Tensor, probabilities: list[float], low: int, bins: int = 20) -> float:
+    """Pearson's statistic over ``bins`` groups of consecutive timesteps of about equal probability."""
+    cumulative, edges, acc = 0.0, [], 0.0
+    for i, p in enumerate(probabilities):
+        acc += p
+        if acc >= (len(edges) + 1) / bins and len(edges) < bins - 1:
+            edges.append(i + 1)
+    groups = torch.tensor([0, *edges, len(probabilities)])
+    counts = torch.bincount(draws - low, minlength=len(probabilities)).double()
+    n = counts.sum().item()
+    for a, b in zip(groups[:-1].tolist(), groups[1:].tolist(), strict=True):
+        expected = n * sum(probabilities[a:b])
+        cumulative += (counts[a:b].sum().item() - expected) ** 2 / expected
+    return cumulative
+
+
+# chi-square with 19 degrees of freedom exceeds 43.82 with probability 0.001: a right distribution passes (the
+# seed is fixed, so it passes every time), a mean off by 0.1 or a std off by 10 % fails by far (asserted below)
+CRITICAL_19 = 43.82
+
+
+@pytest.mark.parametrize(("kind", "mean", "std", "within", "stratified"), [
+    ("uniform", 0.0, 1.0, (100, 899), False), ("logit_normal", 0.0, 1.0, None, False),
+    ("logit_normal", 0.5, 0.8, (200, 700), True), ("logit_normal", -1.0, 1.5, None, True)])
+def test_timestep_distributions_match_their_definition(kind, mean, std, within, stratified):
+    distribution = TimestepDistribution.of(T, kind, mean, std, within)
+    low, high = within or (0, T - 1)
+    world, micro, accumulation, steps = 2, 4, 4, 2500  # 32 timesteps a step, 80,000 in all
+    gen = torch.Generator()
+    samplers = [TimestepSampler(distribution, stratified, seed=3, rank=r, world_size=world, micro_batch=micro,
+                                accumulation=accumulation, generator=gen) for r in range(world)]
+    per_step = []
+    for step in range(1, steps + 1):
+        gen.manual_seed(derive_seed(3, Stream.NOISE, step))  # as train_step seeds it
+        per_step.append(torch.cat([s(step, m) for m in range(accumulation) for s in samplers]))
+    draws = torch.cat(per_step)
+    assert draws.dtype == torch.int64 and draws.min() >= low and draws.max() <= high
+    expected = pmf(kind, mean, std, low, high)
+    statistic = chi_square(draws, expected, low)
+    assert statistic < CRITICAL_19, statistic
+    assert chi_square(draws, pmf("logit_normal", mean + 0.1, std, low, high), low) > 3 * CRITICAL_19
+    assert chi_square(draws, pmf("logit_normal", mean, std * 1.1, low, high), low) > 3 * CRITICAL_19 or \
+        kind == "uniform"
+    if stratified:  # each step's 32 draws: one in each stratum of equal probability
+        below = [0.0]
+        for p in expected:
+            below.append(below[-1] + p)
+        for ts in per_step[:50]:
+            for k, t in enumerate(sorted(ts.tolist())):
+                assert below[t - low] <= (k + 1) / len(ts) + 1e-9 and below[t - low + 1] >= k / len(ts) - 1e-9
+    # a resumed run rebuilds its sampler: step 1000 draws what it drew in the run that got there
+    fresh = TimestepSampler(distribution, stratified, seed=3, rank=1, world_size=world, micro_batch=micro,
+                            accumulation=accumulation, generator=torch.Generator())
+    fresh.generator.manual_seed(derive_seed(3, Stream.NOISE, 1000))
+    resumed = [fresh(1000, m) for m in range(accumulation)]
+    assert torch.equal(torch.cat(resumed), per_step[999].view(accumulation, world, micro)[:, 1].flatten()) or \
+        not stratified
+    if not stratified:  # independent draws come from the generator the loop seeds per step and rank
+        gen.manual_seed(derive_seed(3, Stream.NOISE, 1000))
+        again = [samplers[1](1000, m) for m in range(accumulation)]
+        assert all(torch.equal(a, b) for a, b in zip(again, resumed, strict=True))
+
+
+def test_the_short_forms_and_a_range_past_the_schedule(tiny_5b, tmp_path):
+    from trainer.spec import TimestepSampling, TrainSection
+
+    assert TrainSection(max_steps=1, timestep_sampling="stratified").timestep_sampling == TimestepSampling(
+        stratified=True)
+    assert TrainSection(max_steps=1).timestep_sampling.describe() == "uniform"
+    assert TimestepSampling(distribution="logit_normal", range=(10, 20), stratified=True).describe() == \
+        "stratified logit-normal(0, 1) on 10..20"
+    with pytest.raises(ValueError, match="must be uniform, stratified or a section"):
+        TrainSection(max_steps=1, timestep_sampling="logit_normal")
+    with pytest.raises(ValueError, match="0 <= min <= max"):
+        TimestepSampling(range=(500, 100))

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from helpers import free_port
 from trainer.data import MicroBatches
-from trainer.diffusion import TimestepSampler
+from trainer.diffusion import TimestepDistribution, TimestepSampler
 from trainer.loop import train_step
 from trainer.rng import Stream, derive_seed
 from trainer.spec import RunSpec
@@ -88,8 +88,8 @@ def _probe(rank: int, world_size: int, port: int, model_dir: str, shards: str, m
             assert torch.equal(param.float(), master), name
         param.data.copy_(master)
     noise = torch.Generator()
-    sampler = TimestepSampler("uniform", seed=0, rank=rank, world_size=world_size, micro_batch=1,
-                              accumulation=ACCUMULATION, num_train_timesteps=1000, generator=noise)
+    sampler = TimestepSampler(TimestepDistribution(1000), False, seed=0, rank=rank, world_size=world_size,
+                              micro_batch=1, accumulation=ACCUMULATION, generator=noise)
     ref_run = dataclasses.replace(run, engine=PlainAutograd(reference, ACCUMULATION), model=reference,
                                   timesteps=sampler, noise=noise, dtype=torch.float64, validation=None)
     ref_loss = train_step(ref_run, iter(micro_batches), 1).loss

@@ -20,7 +20,18 @@ import psutil
 import pytest
 import torch
 
-from helpers import REPO, assert_same_run, lora, read_metrics, run_train, train_env, zero_config
+from helpers import (
+    REPO,
+    assert_same_run,
+    lora,
+    lora_file,
+    read_metrics,
+    run_train,
+    train_env,
+    wandb_history,
+    wandb_records,
+    zero_config,
+)
 from trainer.errors import EXIT_PREEMPTED
 from trainer.process_env import free_port
 
@@ -33,7 +44,15 @@ def overrides(tiny_5b, shards, run_dir: Path, config: Path, *extra: str) -> tupl
             f"deepspeed.config={config}", f"train.max_steps={STEPS}", f"checkpoint.every_steps={EVERY}",
             "checkpoint.every_minutes=null", "logging.every_steps=1", "logging.sample_keys=true",
             "optim.warmup_steps=2", "lora.dropout=0.1",  # dropout: the global CPU generator matters
-            f"validation.loss.shards={shards}", "validation.loss.every_steps=1", "validation.loss.timesteps=2", *extra)
+            f"validation.loss.shards={shards}", "validation.loss.every_steps=1", "validation.loss.timesteps=2",
+            *RECIPE, *extra)
+
+
+# The recipe knobs resume must carry bit for bit: caption dropout (per sample and epoch), the LoRA's moving
+# average (checkpointed whole, validated with), logit-normal timesteps restricted to a range, stratified.
+RECIPE = ("data.caption_dropout=0.25", "train.ema=0.8", "validation.use_ema=true",
+          "train.timestep_sampling={distribution: logit_normal, mean: 0.3, std: 1.2, range: [20, 980], "
+          "stratified: true}")
 
 
 def launch(args: tuple[str, ...], ranks: int = 2, script: str = "launch/train.py") -> subprocess.Popen:
@@ -134,7 +153,8 @@ def killed_and_rerun_ends_equal(model, shards, tmp_path, config, extra, says: st
 
 def test_sigterm_saves_at_the_step_it_arrives_and_the_rerun_finishes_equal(reference, tiny_5b, shards_10, tmp_path):
     stage, config, ref_dir = reference
-    run_dir, args = tmp_path / "run", overrides(tiny_5b, shards_10, tmp_path / "run", config)
+    run_dir = tmp_path / "run"
+    args = overrides(tiny_5b, shards_10, run_dir, config, "logging.wandb={project: resume, mode: offline}")
     proc, seen = launch(args), []
     for line in proc.stdout:
         seen.append(line)
@@ -160,6 +180,32 @@ def test_sigterm_saves_at_the_step_it_arrives_and_the_rerun_finishes_equal(refer
     validation = [(m["optimizer_step"], m["val_loss"]) for m in read_metrics(run_dir, validation=True)]
     assert validation == [(m["optimizer_step"], m["val_loss"]) for m in read_metrics(ref_dir, validation=True)]
     assert [step for step, _ in validation] == list(range(1, STEPS + 1))
+    assert_wandb_continued(run_dir, stopped_at)
+
+
+def assert_wandb_continued(run_dir: Path, stopped_at: int) -> None:
+    """logging.wandb offline: the stopped run and its rerun wrote one W&B run (two offline files of one id),
+    the second from the step after the checkpoint; its scalars are metrics.jsonl's, the resolved spec is its
+    config, and the validation videos went in as videos."""
+    run_id = json.loads((run_dir / "wandb.json").read_text())["id"]
+    files = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 2, list((run_dir / "wandb").iterdir())
+    first, second = (wandb_history(f) for f in files)
+    train = {m["optimizer_step"]: m for m in read_metrics(run_dir)}
+    for rows, steps in ((first, range(1, stopped_at + 1)), (second, range(stopped_at + 1, STEPS + 1))):
+        losses = {r["optimizer_step"]: r["train/loss"] for r in rows if "train/loss" in r}
+        assert losses == {s: train[s]["loss"] for s in steps}
+        fractions = [r["train/caption_dropout_fraction"] for r in rows if "train/loss" in r]
+        assert fractions == [train[s]["caption_dropout_fraction"] for s in steps]
+    held_out = {r["optimizer_step"]: r["validation/loss"] for r in first + second if "validation/loss" in r}
+    assert held_out == {m["optimizer_step"]: m["val_loss"] for m in read_metrics(run_dir, validation=True)}
+    videos = {k.removesuffix("/path"): v for r in second for k, v in r.items()
+              if k.endswith("/path") and r[k.replace("/path", "/_type")] == "video-file"}
+    assert sorted(videos) == ["validation/000-a-red-ball-moving-left", "validation/001-a-blue-square-moving-up"]
+    assert all((files[1].parent / "files" / path).stat().st_size > 0 for path in videos.values())  # the mp4s
+    config = [r.run.config for r in wandb_records(files[0]) if r.WhichOneof("record_type") == "run"][0]
+    spec = {u.key: json.loads(u.value_json) for u in config.update}
+    assert spec["run"]["output_dir"] == str(run_dir) and spec["train"]["ema"] == 0.8
 
 
 def test_killed_inside_a_checkpoint_save_resumes_from_the_one_before(reference, tiny_5b, shards_10, tmp_path):
@@ -195,7 +241,7 @@ def sample_log(run_dir: Path) -> dict[int, list[dict]]:
 def test_a_two_rank_checkpoint_resumes_on_one_rank_and_back(tiny_5b, shards_10, tmp_path):
     """2 ranks x 2 micro-steps, then 1 rank x 4, then 2 ranks x 2 again: 4 samples per optimizer step all along.
     The global micro-batch sequence goes on where samples seen says, across both switches."""
-    from trainer.data import MicroBatches
+    from trainer.data import MicroBatches, load_empty_prompts
     from trainer.families import family_for
     from trainer.shard_index import build_index
 
@@ -208,18 +254,23 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_and_back(tiny_5b, shards_10, 
 
     first = leg(2, 2, 4)
     assert first.returncode == 0, first.stderr[-3000:]
-    exported = lora(run_dir)
+    exported, average = lora(run_dir), lora_file(run_dir / "lora_ema")
     same = leg(1, 4, 4)  # resume at the end on 1 rank: the universal checkpoint holds exactly the saved weights
     assert same.returncode == 0 and "universal checkpoint" in same.stderr, same.stderr[-3000:]
     assert all(torch.equal(exported[k], lora(run_dir)[k]) for k in exported)
+    # and the moving average (whole in the checkpoint, partitioned again for 1 rank) exactly the saved one
+    assert all(torch.equal(average[k], lora_file(run_dir / "lora_ema")[k]) for k in average)
+    assert not all(torch.equal(average[k], exported[k]) for k in average)
     assert (run_dir / "checkpoints" / "universal" / "step_00000004" / "complete.json").is_file()
     for ranks, accumulation, steps in ((1, 4, 7), (2, 2, 9)):
         proc = leg(ranks, accumulation, steps)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     shapes = family_for(tiny_5b).sample_shapes()
-    data = MicroBatches(build_index(sorted(map(str, shards_10.glob("*.tar"))), shapes), seed=0, micro_batch_size=1,
-                        group=4, rank=0, world_size=1, shapes=shapes)
+    shards = sorted(map(str, shards_10.glob("*.tar")))
+    empty = load_empty_prompts(shards, shapes.prompt_shape)
+    data = MicroBatches(build_index(shards, shapes), seed=0, micro_batch_size=1, group=4, rank=0, world_size=1,
+                        shapes=shapes, caption_dropout=0.25, empty_prompts=empty)
     log = sample_log(run_dir)
     assert sorted(log) == list(range(1, 10))
     for step, records in log.items():
@@ -234,6 +285,10 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_and_back(tiny_5b, shards_10, 
             assert [s.split(":")[1] for s in record["samples"]] == data[g].keys
     metrics = read_metrics(run_dir)
     assert [m["samples_seen"] for m in metrics] == [4 * s for s in range(1, 10)]
+    # each step's logged fraction of empty captions is the one the (seed, sample, epoch) draws give, on any ranks
+    assert [m["caption_dropout_fraction"] for m in metrics] == [
+        sum(data[g].captions_dropped for g in range((s - 1) * 4, s * 4)) / 4 for s in range(1, 10)]
+    assert 0 < sum(m["caption_dropout_fraction"] for m in metrics) < 9
     # the lr scheduler went through both universal loads: no second warmup (2 steps to 1e-2, then constant)
     assert [m["lr"] for m in metrics] == pytest.approx([5e-3] + [1e-2] * 8)
     assert all(m["loss"] == m["loss"] for m in metrics)  # finite after each switch

@@ -110,7 +110,7 @@ def test_two_ranks_learn_and_export_a_lora_diffusers_loads(stage, tiny_5b, shard
         f"model.path={tiny_5b}", f"data.shards={shards_5b}", f"run.output_dir={run_dir}",
         f"deepspeed.config={zero_config(tmp_path, stage)}", f"train.max_steps={STEPS}",
         "train.gradient_accumulation_steps=2", "train.precision=bf16", "logging.every_steps=1",
-        "checkpoint.every_steps=30"))
+        "checkpoint.every_steps=30", "train.ema=0.9"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"ZeRO-{stage}, bf16, 2 rank(s)" in proc.stderr
     assert "= 4 samples per optimizer step" in proc.stderr  # 1 micro x 2 accumulation x 2 ranks, from DeepSpeed
@@ -121,6 +121,12 @@ def test_two_ranks_learn_and_export_a_lora_diffusers_loads(stage, tiny_5b, shard
     assert model_states and all(p.stat().st_size < 200_000 for p in model_states)
     assert (run_dir / "spec.yaml").is_file()
     assert_export_applies(run_dir / "lora", tiny_5b, run_dir / "lora" / "spec.yaml")
+    # train.ema: the moving average in the same diffusers format, loaded and applied the same way; it lags the
+    # LoRA (decay 0.9: about the last 10 steps' weights), so it is close to it and not equal
+    assert_export_applies(run_dir / "lora_ema", tiny_5b, run_dir / "lora_ema" / "spec.yaml")
+    ours, average = (load_file(run_dir / name / "pytorch_lora_weights.safetensors") for name in ("lora", "lora_ema"))
+    gap = max((ours[k] - average[k]).norm() / ours[k].norm() for k in ours if "lora_B" in k)
+    assert 0 < gap < 0.5, gap
 
 
 def test_2b_style_single_process_learns_and_exports(tiny_2b, shards_2b, tmp_path):

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,7 +81,10 @@ class Checkpointer:
     def __init__(self, root: Path, keep_last: int, layout: ParallelLayout):
         self.root, self.keep_last, self.layout = root, keep_last, layout
 
-    def save(self, engine: DeepSpeedEngine, state: TrainerState, rank_extra: dict) -> Path:
+    def save(self, engine: DeepSpeedEngine, state: TrainerState, rank_extra: dict,
+             also: Callable[[Path], None] | None = None) -> Path:
+        """``also(folder)`` runs on every rank after DeepSpeed's save, before the checkpoint is complete: more of
+        the run's state (the LoRA's moving average), under the same contract."""
         rank, tag = self.layout.rank, checkpoint_tag(state.optimizer_step)
         path = self.root / tag
         if rank == 0 and path.exists():  # what a run killed while saving this same step left behind
@@ -90,6 +94,8 @@ class Checkpointer:
         engine.save_checkpoint(str(self.root), tag=tag, save_latest=False, exclude_frozen_parameters=True,
                                client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}})
         save_rng_states(rank_file(path, rank), {**rank_extra, "rank": rank})
+        if also is not None:
+            also(path)
         fsync_tree(path)  # DeepSpeed does not fsync; the marker must never outlive the data it vouches for
         self.layout.barrier()  # every rank's files are on disk
         if rank == 0:

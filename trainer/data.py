@@ -38,7 +38,15 @@ from braceexpand import braceexpand
 from trainer.dtypes import SAFETENSORS_FLOATS
 from trainer.errors import UserError
 from trainer.rng import Stream, derive_seed
-from trainer.shard_format import IMAGE, LATENTS, PROMPT_EMBEDS, SampleShapes, ShardError, shard_samples
+from trainer.shard_format import (
+    EMPTY_PROMPT,
+    IMAGE,
+    LATENTS,
+    PROMPT_EMBEDS,
+    SampleShapes,
+    ShardError,
+    shard_samples,
+)
 from trainer.shard_index import IMAGE_DTYPES, Extent, SampleRef, ShardIndex, tensor_header
 
 
@@ -51,6 +59,7 @@ class Batch(NamedTuple):
     faults: list[ShardError]  # why, for each invalid sample
     position: tuple[int, int]  # (epoch, micro-batch within the epoch) of this micro-batch
     images: torch.Tensor | None = None  # [B, 3, H, W] uint8: image-to-video's conditioning images (first frames)
+    captions_dropped: int = 0  # readable samples whose prompt embedding is the empty caption's (data.caption_dropout)
 
 
 def resolve_shards(shards: str | list[str], field: str = "data.shards") -> list[str]:
@@ -109,6 +118,37 @@ def check_latent_scale(shards: list[str], ours: float | None, model_dir: Path, f
                             f"Repack them with data_tools/shard.py --model {model_dir}")
 
 
+def load_empty_prompts(shards: list[str], prompt_shape: tuple[int, ...],
+                       field: str = "data.caption_dropout") -> dict[str, torch.Tensor]:
+    """The empty caption's embedding of each directory the shards are in (data_tools/shard.py writes it beside
+    them), checked: caption dropout trains on it. Read with safetensors: nothing is unpickled."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    found = {}
+    for folder in dict.fromkeys(str(Path(s).parent) for s in shards):
+        path = Path(folder) / EMPTY_PROMPT
+        if not path.is_file():
+            raise UserError(f"{field}: {path} is missing: caption dropout puts the empty caption's embedding in a "
+                            f"dropped prompt's place, and data_tools/shard.py writes it beside the shards it packs "
+                            f"(pack again into that directory: it only adds what is missing), or set {field} 0")
+        try:
+            embeds = load_file(str(path))["prompt_embeds"]
+        except (OSError, SafetensorError, KeyError) as exc:
+            raise UserError(f"{field}: {path} cannot be read as the empty caption's embedding ({exc})") from None
+        if tuple(embeds.shape) != tuple(prompt_shape) or not torch.isfinite(embeds).all():
+            raise UserError(f"{field}: {path} holds prompt embeddings of shape {list(embeds.shape)}, the model's are "
+                            f"{list(prompt_shape)} (or it holds NaN or inf values)")
+        found[folder] = embeds
+    return found
+
+
+def caption_dropped(seed: int, epoch: int, sample: int, probability: float) -> bool:
+    """Whether sample ``sample`` (its place in the index) trains with the empty caption in ``epoch``: a pure
+    function of the three, so that a resume draws the same and the number of ranks does not matter."""
+    return probability > 0 and derive_seed(seed, Stream.CAPTION_DROPOUT, epoch, sample) < probability * 2**63
+
+
 class DataPosition(NamedTuple):
     """Where the global micro-batch sequence goes on: ``micro_batch`` of ``epoch``, planned with ``group``."""
 
@@ -137,8 +177,13 @@ class MicroBatches:
 
     def __init__(self, index: ShardIndex, *, seed: int, micro_batch_size: int, rank: int, world_size: int,
                  shapes: SampleShapes, group: int | None = None, position: DataPosition | None = None,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, caption_dropout: float = 0.0,
+                 empty_prompts: dict[str, torch.Tensor] | None = None):
         self.index, self.seed, self.micro_batch_size = index, seed, micro_batch_size
+        # data.caption_dropout, and the empty caption's embedding by shard directory (load_empty_prompts)
+        self.caption_dropout, self.empty_prompts = caption_dropout, empty_prompts or {}
+        if caption_dropout and not self.empty_prompts:
+            raise ValueError("caption dropout needs the shards' empty-prompt embeddings")
         self.rank, self.world_size = rank, world_size
         self.group = world_size if group is None else group  # micro-batches per optimizer step, all ranks
         self.position = position if position is not None else DataPosition(0, 0, self.group)
@@ -204,19 +249,23 @@ class MicroBatches:
 
     def __getitem__(self, k: int) -> Batch:
         epoch, j, group = self.global_position(k)
-        refs = [self.index.samples[i] for i in self.epoch_plan(epoch, group)[j]]
+        ids = self.epoch_plan(epoch, group)[j]
+        refs = [self.index.samples[i] for i in ids]
         # one tensor per batch, each sample read into its row: no decode, stack or hand-over copies
         latents = self._empty(refs, 0, refs[0].shape)
         prompts = self._empty(refs, 1, self.prompt_shape)
         image_shape = self.image_shape(refs[0].shape)
         images = None if image_shape is None else torch.empty((len(refs), *image_shape), dtype=torch.uint8,
                                                               pin_memory=self.pin_memory)
-        valid, faults = [], []
-        for row, (ref, lat, prompt) in enumerate(zip(refs, latents, prompts, strict=True)):
+        valid, faults, dropped = [], [], 0
+        for row, (i, ref, lat, prompt) in enumerate(zip(ids, refs, latents, prompts, strict=True)):
             image = None if images is None else images[row]
             try:
                 read_sample_into(self.index, ref, lat, prompt, image)
                 valid.append(True)
+                if caption_dropped(self.seed, epoch, i, self.caption_dropout):
+                    prompt.copy_(self.empty_prompts[str(Path(self.index.shards[ref.shard]).parent)])
+                    dropped += 1
             except ShardError as exc:
                 faults.append(exc)
                 for tensor in (lat, prompt, image):
@@ -224,7 +273,8 @@ class MicroBatches:
                         tensor.zero_()
                 valid.append(False)
         names = [Path(self.index.shards[r.shard]).name for r in refs]
-        return Batch([r.key for r in refs], names, latents, prompts, torch.tensor(valid), faults, (epoch, j), images)
+        return Batch([r.key for r in refs], names, latents, prompts, torch.tensor(valid), faults, (epoch, j), images,
+                     dropped)
 
     def _empty(self, refs: list[SampleRef], member: int, shape: tuple[int, ...]) -> torch.Tensor:
         dtype = functools.reduce(torch.promote_types, (SAFETENSORS_FLOATS[r.dtypes[member]] for r in refs))
@@ -333,5 +383,6 @@ def streaming(dataset: MicroBatches, threads: int) -> Iterator[Iterator[Batch]]:
                 future.cancel()  # the reads already running finish (milliseconds); the pool then joins them
 
 
-__all__ = ["Batch", "DataPosition", "MicroBatches", "ShardError", "check_first_sample", "check_latent_scale",
-           "flat_position", "read_sample", "read_sample_into", "resolve_shards", "streaming"]
+__all__ = ["Batch", "DataPosition", "MicroBatches", "ShardError", "caption_dropped", "check_first_sample",
+           "check_latent_scale", "flat_position", "load_empty_prompts", "read_sample", "read_sample_into",
+           "resolve_shards", "streaming"]

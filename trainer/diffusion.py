@@ -71,19 +71,55 @@ def uniform_timesteps(batch: int, num_train_timesteps: int, generator: torch.Gen
     return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device)
 
 
+class TimestepDistribution:
+    """The training timesteps' distribution on 0..T-1 (train.timestep_sampling) as its inverse CDF: a
+    probability u in [0, 1) maps to a timestep, so independent u give independent draws and a stratified set of
+    u a stratified batch of the same distribution. Restricted to ``low..high``, it is the distribution
+    conditioned on that range (the same density inside, renormalised). Everything in fp64."""
+
+    def __init__(self, num_train_timesteps: int, kind: str = "uniform", mean: float = 0.0, std: float = 1.0,
+                 low: int = 0, high: int | None = None):
+        self.T, self.kind, self.mean, self.std = num_train_timesteps, kind, mean, std
+        self.low, self.high = low, num_train_timesteps - 1 if high is None else high
+        edges = torch.tensor([self.low, self.high + 1], dtype=torch.float64) / num_train_timesteps
+        # the range's ends in the distribution's probability coordinate: t/T itself, or the normal's CDF at
+        # the logit of t/T (logit 0 = -inf and logit 1 = inf give 0 and 1)
+        self.ends = edges if kind == "uniform" else torch.special.ndtr((torch.logit(edges) - mean) / std)
+
+    @classmethod
+    def of(cls, num_train_timesteps: int, kind: str, mean: float, std: float,
+           within: tuple[int, int] | None) -> TimestepDistribution:
+        """train.timestep_sampling's distribution, mean, std and range (None: the whole schedule)."""
+        low, high = within if within is not None else (0, num_train_timesteps - 1)
+        return cls(num_train_timesteps, kind, mean, std, low, high)
+
+    @property
+    def whole_uniform(self) -> bool:
+        return self.kind == "uniform" and self.low == 0 and self.high == self.T - 1
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        """Timesteps (int64) for probabilities ``u`` (fp64, in [0, 1)), on u's device."""
+        a, b = self.ends.to(u.device)
+        p = a + u * (b - a)
+        s = p if self.kind == "uniform" else torch.sigmoid(self.mean + self.std * torch.special.ndtri(p))
+        return (s * self.T).floor().long().clamp_(self.low, self.high)
+
+
 def stratified_timesteps(seed: int, optimizer_step: int, global_batch: int, num_train_timesteps: int,
-                         device: torch.device | str = "cpu") -> torch.Tensor:
-    """Timesteps for a whole optimizer step's global batch: one per stratum of [0, T), in a shuffled order.
+                         device: torch.device | str = "cpu",
+                         distribution: TimestepDistribution | None = None) -> torch.Tensor:
+    """Timesteps for a whole optimizer step's global batch: one per equal-probability stratum of the
+    distribution (uniform over [0, T) by default), in a shuffled order.
 
     Deterministic from (seed, optimizer_step) and the device type alone, so every rank computes the same
     vector and takes its own slots (see ``stratified_slots``) without communicating. Drawn on the device
     itself: a host-to-device copy every step would make the host wait for the GPU.
     """
+    distribution = distribution or TimestepDistribution(num_train_timesteps)
     gen = torch.Generator(device=device).manual_seed(derive_seed(seed, Stream.TIMESTEPS, optimizer_step))
     offsets = torch.rand(global_batch, generator=gen, dtype=torch.float64, device=device)
-    strata = (torch.arange(global_batch, dtype=torch.float64, device=device) + offsets) * (
-        num_train_timesteps / global_batch)
-    timesteps = strata.floor().long().clamp_(0, num_train_timesteps - 1)
+    u = (torch.arange(global_batch, dtype=torch.float64, device=device) + offsets) / global_batch
+    timesteps = distribution(u)
     return timesteps[torch.randperm(global_batch, generator=gen, device=device)]
 
 
@@ -94,21 +130,27 @@ def stratified_slots(micro_step: int, rank: int, world_size: int, micro_batch: i
 
 
 class TimestepSampler:
-    """Timesteps for one micro-batch, uniform per sample or stratified over the optimizer step's global batch.
-    ``rank`` and ``world_size`` are data-parallel (trainer/parallel.py): a sequence group shares its draws."""
+    """Timesteps for one micro-batch: independent per sample (from ``generator``, which the loop seeds per
+    optimizer step) or stratified over the optimizer step's global batch, from ``distribution``. ``rank`` and
+    ``world_size`` are data-parallel (trainer/parallel.py): a sequence group shares its draws."""
 
-    def __init__(self, kind: str, *, seed: int, rank: int, world_size: int, micro_batch: int, accumulation: int,
-                 num_train_timesteps: int, generator: torch.Generator):
-        self.kind, self.seed, self.rank, self.world_size = kind, seed, rank, world_size
-        self.micro_batch, self.accumulation = micro_batch, accumulation
-        self.T, self.generator = num_train_timesteps, generator
+    def __init__(self, distribution: TimestepDistribution, stratified: bool, *, seed: int, rank: int,
+                 world_size: int, micro_batch: int, accumulation: int, generator: torch.Generator):
+        self.distribution, self.stratified, self.seed = distribution, stratified, seed
+        self.rank, self.world_size, self.micro_batch, self.accumulation = rank, world_size, micro_batch, accumulation
+        self.generator = generator
         self._step_timesteps: tuple[int, torch.Tensor] | None = None  # the current optimizer step's global vector
 
     def __call__(self, optimizer_step: int, micro_step: int) -> torch.Tensor:
-        if self.kind == "uniform":
-            return uniform_timesteps(self.micro_batch, self.T, self.generator)
+        distribution = self.distribution
+        if not self.stratified:
+            if distribution.whole_uniform:  # integers straight from the generator, as this trainer always drew
+                return uniform_timesteps(self.micro_batch, distribution.T, self.generator)
+            u = torch.rand(self.micro_batch, generator=self.generator, dtype=torch.float64,
+                           device=self.generator.device)
+            return distribution(u)
         if self._step_timesteps is None or self._step_timesteps[0] != optimizer_step:
             global_batch = self.micro_batch * self.world_size * self.accumulation
             self._step_timesteps = (optimizer_step, stratified_timesteps(
-                self.seed, optimizer_step, global_batch, self.T, device=self.generator.device))
+                self.seed, optimizer_step, global_batch, distribution.T, self.generator.device, distribution))
         return self._step_timesteps[1][stratified_slots(micro_step, self.rank, self.world_size, self.micro_batch)]

@@ -197,3 +197,32 @@ def build_engine(spec: RunSpec, module: nn.Module, config: dict, mpu: object = N
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier),
     )
     return engine
+
+
+def fp32_master_partitions(engine: DeepSpeedEngine) -> list[torch.Tensor]:
+    """This rank's flat fp32 master partitions, one per parameter group: the tensors the optimizer updates and
+    ``full_fp32_masters`` reads (ZeRO-1/2 call them single_partition_of_fp32_groups, ZeRO-3
+    fp32_partitioned_groups_flat)."""
+    optimizer = engine.optimizer
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        partitions = getattr(optimizer, name, None)
+        if partitions:
+            return list(partitions)
+    raise RuntimeError(f"no fp32 master partitions in DeepSpeed's {type(optimizer).__name__}")
+
+
+def full_fp32_masters(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The full fp32 master of each parameter, on the CPU. A collective: call it on every rank, in one order.
+
+    Reading the module's own parameters is not enough: under ZeRO-3 they are empty partitions, and under
+    bf16 they are rounded copies. DeepSpeed's fp32 masters are what training continues from.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, param in params.items():
+        full = safe_get_full_fp32_param(param)
+        if full is None:
+            raise RuntimeError(f"DeepSpeed holds no fp32 master for {name}: is the engine built?")
+        state[name] = full.detach().float().cpu().clone()
+    return state

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from trainer.checkpoint import MARKER, UNIVERSAL
+from trainer.engine import full_fp32_masters
 from trainer.errors import EXIT_USER_ERROR, UserError
 from trainer.families import load_family
 from trainer.families.base import ModelFamily, VideoModel
@@ -28,20 +29,8 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def gather_lora_state(model: VideoModel) -> dict[str, torch.Tensor]:
-    """Full fp32 master weights of every LoRA parameter, on the CPU. A collective: call it on every rank.
-
-    Reading the module's own parameters is not enough: under ZeRO-3 they are empty partitions, and under
-    bf16 they are rounded copies. DeepSpeed's fp32 masters are what training continues from.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    state = {}
-    for name, param in model.lora_parameters().items():
-        full = safe_get_full_fp32_param(param)
-        if full is None:
-            raise RuntimeError(f"DeepSpeed holds no fp32 master for {name}: is the engine built?")
-        state[name] = full.detach().float().cpu().clone()
-    return state
+    """Full fp32 master weights of every LoRA parameter, on the CPU. A collective: call it on every rank."""
+    return full_fp32_masters(model.lora_parameters())
 
 
 def export_lora(model: VideoModel, family: ModelFamily, layout: ParallelLayout, out_dir: Path,

@@ -49,7 +49,8 @@ def train(spec: RunSpec) -> Path | None:
         dataset = MicroBatches(index, seed=spec.run.seed, micro_batch_size=spec.data.micro_batch_size,
                                rank=run.layout.data_rank, world_size=run.layout.data_size, shapes=plan.shapes,
                                group=run.layout.data_size * spec.train.gradient_accumulation_steps,
-                               position=data_position(state, index), pin_memory=run.engine.device.type == "cuda")
+                               position=data_position(state, index), pin_memory=run.engine.device.type == "cuda",
+                               caption_dropout=spec.data.caption_dropout, empty_prompts=plan.empty_prompts)
         reporter = open_run_dir(spec, run.layout, state, index)
     except UserError as exc:
         exc.on_every_rank = True  # start-up decides the same on every rank: one message is enough
@@ -57,7 +58,7 @@ def train(spec: RunSpec) -> Path | None:
     print_startup(reporter, spec=spec, layout=run.layout, engine=run.engine, family=run.family, model=run.model,
                   index=index, shards=len(plan.shards), state=state, resume=plan.resume,
                   held_out=run.validation.loss_index if run.validation is not None else None,
-                  sequence_warning=run.sequence_warning)
+                  sequence_warning=run.sequence_warning, ema_restarted=run.ema is not None and run.ema.restarted)
     loop = Loop(run, state, reporter, signals, dataset, last_checkpoint=plan.resume.checkpoint)
     for shape, count in dataset.never_trained().items():
         reporter.event(state.optimizer_step, "data_warning", f"latent shape {list(shape)} has {count} sample(s), "
@@ -119,7 +120,8 @@ class Loop:
         self.reporter, self.signals, self.dataset, self.last_checkpoint = reporter, signals, dataset, last_checkpoint
         self.checkpointer = Checkpointer(self.spec.run.dir / "checkpoints", self.spec.checkpoint.keep_last, run.layout)
         self.samples = SampleLog(self.spec.run.dir, run.layout.rank) if self.spec.logging.sample_keys else None
-        self.interval = Interval(self.engine.device, run.objective.num_train_timesteps, run.layout, run.peak_tflops)
+        self.interval = Interval(self.engine.device, run.objective.num_train_timesteps, run.layout, run.peak_tflops,
+                                 captions=bool(self.spec.data.caption_dropout))
         self.last_save, self.last_loss = time.monotonic(), float("nan")
         self.started, self.first_step = time.perf_counter(), state.optimizer_step
         self.consumed = 0  # global micro-batches trained this session
@@ -187,7 +189,8 @@ class Loop:
         if self.samples is not None:
             self.samples.write(optimizer_step, out.batches)
         applied = self.engine.was_step_applied()  # DeepSpeed skips an update whose gradients are not finite
-        self.interval.add(out.loss, out.buckets, out.tokens, out.flops, out.data_wait_s, applied)
+        self.interval.add(out.loss, out.buckets, out.tokens, out.flops, out.data_wait_s, applied,
+                          (out.readable, out.captions_dropped))
         if not applied and self.engine.lr_scheduler is not None:
             # DeepSpeed holds the schedule on a skipped update; ours follows optimizer steps, skipped ones
             # included, so that it reaches its floor at train.max_steps whatever was skipped (and a resume,
@@ -195,6 +198,8 @@ class Loop:
             self.engine.lr_scheduler.step()
         if applied:
             state.consecutive_nonfinite = 0
+            if self.run.ema is not None:
+                self.run.ema.update()
         elif nonfinite_step(self.run, out, optimizer_step, self.reporter):
             state.nonfinite_steps += 1
             state.consecutive_nonfinite += 1
@@ -218,8 +223,10 @@ class Loop:
     def save(self, optimizer_step: int) -> None:
         position = (self.state.data_position or [0, 0])[:2]
         self.run.heartbeat(f"the checkpoint save of optimizer step {optimizer_step}")
-        self.last_checkpoint = self.checkpointer.save(self.engine, self.state,
-                                                      {"next_epoch_and_micro_batch": position})
+        ema = self.run.ema
+        self.last_checkpoint = self.checkpointer.save(
+            self.engine, self.state, {"next_epoch_and_micro_batch": position},
+            also=None if ema is None else lambda folder: ema.save(folder, self.run.layout.is_main))
         self.run.heartbeat(f"the checkpoint save of optimizer step {optimizer_step}")
         self.last_save = time.monotonic()
         self.reporter.event(optimizer_step, "checkpoint", f"saved {self.last_checkpoint}")
@@ -228,6 +235,10 @@ class Loop:
         spec, run_dir = self.spec, self.spec.run.dir
         self.run.heartbeat("the LoRA export")
         lora_file = export_lora(self.run.model, self.run.family, self.run.layout, run_dir / "lora", spec.to_yaml())
+        if self.run.ema is not None:
+            self.run.heartbeat("the export of the LoRA's moving average")
+            with self.run.ema.swapped():  # the export reads the masters: the average, in the same format
+                export_lora(self.run.model, self.run.family, self.run.layout, run_dir / "lora_ema", spec.to_yaml())
         self.run.layout.barrier()  # nobody tears the process group down while rank 0 still writes the export
         self.run.watchdog.stop()
         self.reporter.close()
@@ -243,9 +254,11 @@ class Loop:
                 ("throughput", f"{steps * self.engine.train_batch_size() / elapsed:.2f} samples/s, "
                                f"{self.interval.tokens_logged / elapsed:,.0f} video tokens/s"),
                 ("final loss", f"{self.last_loss:.4f}" if steps else "(no step this session)"),
-                ("LoRA", str(lora_file)),
+                ("LoRA", str(lora_file) + (f", its moving average in {run_dir / 'lora_ema'}"
+                                           if self.run.ema is not None and lora_file is not None else "")),
                 ("metrics", f"{run_dir / 'metrics.jsonl'}" + (f", {run_dir / 'tensorboard'}"
-                                                              if spec.logging.tensorboard else ""))]
+                                                              if spec.logging.tensorboard else "")
+                 + (f", W&B ({spec.logging.wandb.mode}, {run_dir / 'wandb'})" if spec.logging.wandb else ""))]
         if self.run.validation is not None and spec.validation.prompts:
             rows.append(("samples", str(run_dir / "samples")))
         if self.last_checkpoint is not None:
@@ -261,6 +274,7 @@ class StepOutput:
     batches: list[Batch] = field(default_factory=list)
     faults: list[ShardError] = field(default_factory=list)  # samples that could not be read (zeros stood in)
     readable: int = 0  # samples that could
+    captions_dropped: int = 0  # readable samples trained with the empty caption (data.caption_dropout)
     tokens: int = 0  # video tokens this rank trained on
     flops: float = 0.0  # model FLOPs this rank ran (trainer/costs.py: forward and backward, no recomputation)
     data_wait_s: float = 0.0  # time this rank waited for its micro-batches
@@ -311,6 +325,7 @@ def train_step(run: Run, stream: Iterator[Batch], optimizer_step: int) -> StepOu
         out.batches.append(batch)
         out.faults.extend(batch.faults)
         out.readable += len(batch.keys) - len(batch.faults)
+        out.captions_dropped += batch.captions_dropped
     return out
 
 

@@ -23,6 +23,7 @@ class Stream(IntEnum):
     GLOBAL_RNG = 6
     VALIDATION_NOISE = 7
     IMAGE_NOISE = 8  # image-to-video: the conditioning image's augmentation, posterior draw and dropout
+    CAPTION_DROPOUT = 9  # which samples train with the empty caption, per epoch
 
 
 def derive_seed(*parts: int) -> int:

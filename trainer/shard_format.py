@@ -32,6 +32,9 @@ META = "json"
 IMAGE = "image.safetensors"
 MEMBERS = (LATENTS, PROMPT_EMBEDS, META)  # every sample's; IMAGE too where the model is image-to-video
 META_FIELDS = ("caption", "source", "fps", "num_frames", "height", "width")
+# Beside the shards, once per dataset: the empty caption's embedding ({"prompt_embeds": [L, D]}), what caption
+# dropout trains on in a dropped prompt's place.
+EMPTY_PROMPT = "empty_prompt.safetensors"
 
 
 class ShardError(UserError):

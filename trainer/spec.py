@@ -79,6 +79,10 @@ class DataSection(_Section):
     # Image-to-video: the probability that a sample trains with its (noised) image latents zeroed, drawn per
     # sample and step (0: never). CogVideo's recipe has none; it teaches the model to run without an image.
     image_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    # The probability that a sample trains with the empty caption's embedding in place of its prompt's (0:
+    # never), drawn per sample and epoch: what classifier-free guidance at sampling needs (CogVideo's SAT recipe
+    # drops 10 %). The shards' empty_prompt.safetensors (written by data_tools/shard.py) must be beside them.
+    caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class OptimSection(_Section):
@@ -100,19 +104,57 @@ class OptimSection(_Section):
         return betas
 
 
+class TimestepSampling(_Section):
+    # The training timesteps' distribution on 0..T-1 and how a step's draws are spread (trainer/diffusion.py).
+    # uniform; or logit_normal: t/T = sigmoid(mean + std * z), z standard normal (SD3's sampling).
+    distribution: Literal["uniform", "logit_normal"] = "uniform"
+    mean: float = 0.0
+    std: float = Field(1.0, gt=0)
+    # Only timesteps min..max (inclusive); null: the whole schedule. The distribution is restricted to it.
+    range: tuple[int, int] | None = None
+    # Each optimizer step's global batch in equal-probability strata of the distribution (lower-variance loss);
+    # else independent draws.
+    stratified: bool = False
+
+    @field_validator("range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 0 <= value[0] <= value[1]:
+            raise ValueError(f"must be [min, max] with 0 <= min <= max, got {list(value)}")
+        return value
+
+    def describe(self) -> str:
+        shape = "uniform" if self.distribution == "uniform" else f"logit-normal({self.mean:g}, {self.std:g})"
+        where = f" on {self.range[0]}..{self.range[1]}" if self.range is not None else ""
+        return ("stratified " if self.stratified else "") + shape + where
+
+
 class TrainSection(_Section):
     max_steps: int = Field(gt=0)  # optimizer steps
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    # stratified: each optimizer step's global batch covers [0, T) in equal strata (lower-variance loss).
-    timestep_sampling: Literal["uniform", "stratified"] = "uniform"
+    # A section (TimestepSampling), or the short forms "uniform" and "stratified" (uniform over the schedule).
+    timestep_sampling: TimestepSampling = TimestepSampling()
     # An optimizer step with a non-finite loss or gradient norm is skipped (weights untouched); this many
     # in a row stop the run, keeping the last complete checkpoint.
     max_consecutive_nonfinite: int = Field(5, gt=0)
     # Compile each transformer block with torch.compile (regional: the repeated block once, reused by every
     # block); the first step of each clip shape compiles, and the start-up report says how long it took.
     compile: bool = False
+    # An exponential moving average of the LoRA's fp32 master weights with this decay, updated after each applied
+    # optimizer step (trainer/ema.py), checkpointed, and exported beside the LoRA as lora_ema/; null: none.
+    ema: float | None = Field(None, gt=0.0, lt=1.0)
+
+    @field_validator("timestep_sampling", mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        if value in ("uniform", "stratified"):
+            return {"stratified": value == "stratified"}
+        if isinstance(value, str):
+            raise ValueError(f"must be uniform, stratified or a section (distribution, mean, std, range, "
+                             f"stratified), got {value!r}")
+        return value
 
 
 class ParallelSection(_Section):
@@ -139,9 +181,19 @@ class CheckpointSection(_Section):
     resume: str = Field("auto", min_length=1)
 
 
+class WandbSection(_Section):
+    # Weights & Biases (trainer/reporting/wandb_run.py): the same scalars as TensorBoard, the validation videos,
+    # the resolved spec as the run's config; a resumed run continues the run directory's W&B run.
+    project: str = Field(min_length=1)
+    entity: str | None = None
+    name: str | None = None  # null: run.name
+    mode: Literal["online", "offline", "disabled"] = "online"  # offline: files under the run directory's wandb/
+
+
 class LoggingSection(_Section):
     every_steps: int = Field(10, gt=0)
     tensorboard: bool = True
+    wandb: WandbSection | None = None  # null: no W&B
     # Each rank writes the shard and key of every sample it trains on to sample_keys/rank_NNNNN.jsonl.
     sample_keys: bool = False
     # The device's dense bf16 peak, for the logged MFU; null: from trainer/costs.py's table by GPU name.
@@ -178,6 +230,8 @@ class ValidationSection(_Section):
     fps: int | None = Field(None, gt=0)
     # Write the LoRA the videos were made with beside them (samples/step_N/lora/), to keep the best step's.
     save_lora: bool = True
+    # Validate (videos, held-out loss, the LoRA saved beside the videos) with the EMA of the LoRA (train.ema).
+    use_ema: bool = False
     loss: ValidationLossSection = ValidationLossSection()
 
 
@@ -206,6 +260,9 @@ class RunSpec(_Section):
                 f"a sequence group each hold the prompt's tokens, and dropout would mask them differently on each; "
                 f"use lora.dropout 0 with sequence parallelism"
             )
+        if self.validation.use_ema and self.train.ema is None:
+            raise ValueError("validation.use_ema validates with the LoRA's moving average: set train.ema (its decay, "
+                             "e.g. 0.999) as well")
         if self.model.activation_offload and not self.model.gradient_checkpointing:
             raise ValueError("model.activation_offload moves the block inputs that gradient checkpointing keeps "
                              "to host memory: set model.gradient_checkpointing true as well")

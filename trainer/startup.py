@@ -18,9 +18,10 @@ import torch
 
 from trainer import compiled, low_memory, resume, sequence
 from trainer.costs import CostModel, device_peak_tflops
-from trainer.data import check_first_sample, check_latent_scale, resolve_shards
-from trainer.diffusion import Objective, TimestepSampler
+from trainer.data import check_first_sample, check_latent_scale, load_empty_prompts, resolve_shards
+from trainer.diffusion import Objective, TimestepDistribution, TimestepSampler
 from trainer.dtypes import PRECISIONS
+from trainer.ema import LoraEma
 from trainer.engine import assemble_config, build_engine, init_distributed
 from trainer.errors import UserError
 from trainer.families import load_family
@@ -28,6 +29,7 @@ from trainer.families.base import ImageConditioning, ModelFamily, VideoModel
 from trainer.low_memory import ActivationOffload
 from trainer.parallel import ParallelLayout
 from trainer.process_env import default_device, env_world_size, local_world_size, share_cpu_threads
+from trainer.reporting.wandb_run import check_wandb
 from trainer.resume import ResumePoint
 from trainer.sequence import UlyssesExchange, check_heads, check_index
 from trainer.shard_format import SampleShapes
@@ -52,6 +54,7 @@ class Plan:
     ds_config: dict
     resume: ResumePoint
     validation_shards: list[str]  # held-out shards for the validation loss (maybe none)
+    empty_prompts: dict[str, torch.Tensor]  # data.caption_dropout: the empty caption's embedding by shard folder
 
 
 def preflight(spec: RunSpec) -> Plan:
@@ -61,10 +64,17 @@ def preflight(spec: RunSpec) -> Plan:
     shapes = family.sample_shapes()
     family.check_lora_targets(list(spec.lora.target_modules))
     objective = family.objective()
+    within = spec.train.timestep_sampling.range
+    if within is not None and within[1] >= objective.num_train_timesteps:
+        raise UserError(f"train.timestep_sampling.range: {list(within)} goes past the model's last timestep "
+                        f"({objective.num_train_timesteps - 1}; its scheduler has {objective.num_train_timesteps})")
     shards = resolve_shards(spec.data.shards)
     check_first_sample(shards, shapes)
     check_latent_scale(shards, family.latent_scale(), family.model_dir)
+    empty_prompts = load_empty_prompts(shards, shapes.prompt_shape) if spec.data.caption_dropout else {}
     validation_shards = preflight_validation(spec, family, shapes)
+    if spec.logging.wandb is not None:
+        check_wandb(spec.logging.wandb.mode)
     world_size = env_world_size()
     layout = ParallelLayout(world_size, sequence=spec.parallel.sequence)  # refuses a world it cannot split
     check_heads(family.structure().heads, layout.sequence, family.describe())
@@ -74,7 +84,7 @@ def preflight(spec: RunSpec) -> Plan:
     if spec.train.compile:
         compiled.check_compiler(torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # no context yet
     point = resume.plan(spec, world_size, ds_config)
-    return Plan(family, shapes, objective, shards, ds_config, point, validation_shards)
+    return Plan(family, shapes, objective, shards, ds_config, point, validation_shards, empty_prompts)
 
 
 @dataclass
@@ -97,6 +107,7 @@ class Run:
     exchange: UlyssesExchange | None  # parallel.sequence > 1: this rank's sequence group (trainer/sequence.py)
     image_noise: torch.Generator  # its augmentation and dropout, seeded per optimizer step
     offload: ActivationOffload | None  # model.activation_offload: the saved-tensor hooks around each forward
+    ema: LoraEma | None  # train.ema: the LoRA's moving average
     validation: Validation | None = None  # validation videos and loss, if the spec asks for them
     sequence_warning: str | None = None  # a sequence group spans nodes (trainer/sequence.py)
 
@@ -156,16 +167,22 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
         low_memory.check_stored(model.transformer, storage)
     engine.train()  # diffusers' from_pretrained leaves the module in eval mode (LoRA dropout off)
     noise = torch.Generator(device=engine.device)
-    timesteps = TimestepSampler(
-        spec.train.timestep_sampling, seed=spec.run.seed, rank=layout.data_rank, world_size=layout.data_size,
-        micro_batch=spec.data.micro_batch_size, accumulation=spec.train.gradient_accumulation_steps,
-        num_train_timesteps=plan.objective.num_train_timesteps, generator=noise)
+    sampling = spec.train.timestep_sampling
+    distribution = TimestepDistribution.of(plan.objective.num_train_timesteps, sampling.distribution, sampling.mean,
+                                           sampling.std, sampling.range)
+    timesteps = TimestepSampler(distribution, sampling.stratified, seed=spec.run.seed, rank=layout.data_rank,
+                                world_size=layout.data_size, micro_batch=spec.data.micro_batch_size,
+                                accumulation=spec.train.gradient_accumulation_steps, generator=noise)
     costs = CostModel(plan.family, spec.lora)
     peak = spec.logging.peak_tflops or device_peak_tflops(engine.device)
     watchdog.progress("restoring the resume point")
     state = resume.restore(plan.resume, engine, layout, spec, index.fingerprint())  # last: it sets the generators
     offload = ActivationOffload(engine.device) if spec.model.activation_offload else None
+    ema = None
+    if spec.train.ema is not None:  # from the resumed masters; then the checkpoint's average, where it has one
+        ema = LoraEma(engine, model.lora_parameters(), spec.train.ema)
+        ema.restarted = plan.resume.checkpoint is not None and not ema.load(plan.resume.checkpoint)
     run = Run(spec, layout, plan.family, engine, model, plan.objective.to(engine.device), timesteps, noise, dtype,
-              costs, peak, watchdog, conditioner, exchange, torch.Generator(device=engine.device), offload, validation,
-              spans)
+              costs, peak, watchdog, conditioner, exchange, torch.Generator(device=engine.device), offload, ema,
+              validation, spans)
     return run, index, state

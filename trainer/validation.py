@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -24,10 +24,11 @@ import torch
 
 from trainer.data import check_first_sample, check_latent_scale, read_sample, resolve_shards
 from trainer.diffusion import Objective
+from trainer.ema import LoraEma
 from trainer.errors import UserError
 from trainer.export import export_lora
 from trainer.families.base import ImageConditioning, ModelFamily, SampleSettings, VideoModel
-from trainer.media import read_image, read_mp4, write_mp4
+from trainer.media import read_image, write_mp4
 from trainer.parallel import ParallelLayout
 from trainer.reporting.writers import Reporter
 from trainer.rng import Stream, derive_seed
@@ -54,6 +55,7 @@ class Training(Protocol):
     dtype: torch.dtype
     conditioner: ImageConditioning | None
     exchange: UlyssesExchange | None
+    ema: LoraEma | None
 
 
 def preflight_validation(spec: RunSpec, family: ModelFamily, shapes: SampleShapes) -> list[str]:
@@ -188,7 +190,8 @@ class Validation:
         videos, loss = self.due(optimizer_step)
         if not (videos or loss):
             return
-        with evaluating(run.engine):
+        ema = run.ema if self.spec.validation.use_ema else None
+        with evaluating(run.engine), ema.applied() if ema is not None else nullcontext():  # validation.use_ema
             if loss:
                 self.loss(run, optimizer_step, reporter, heartbeat)
             if videos:
@@ -274,10 +277,11 @@ class Validation:
         run.layout.barrier()  # every rank's videos are on disk: a sync point
         if run.layout.is_main:
             write_prompt_list(out, prompts, settings.seed, section.images)
-        if reporter.tensorboard:  # rank 0 only
+        if reporter.wants_videos:  # rank 0 only
             for path in files:
-                reporter.video(f"validation/{path.stem}", read_mp4(path), settings.fps, optimizer_step)
+                reporter.video(f"validation/{path.stem}", path, settings.fps, optimizer_step)
         reporter.event(optimizer_step, "validation", f"{len(prompts)} video(s) in {out} "
+                       f"{'with the LoRA moving average ' if section.use_ema else ''}"
                        f"({time.perf_counter() - started:.0f} s)")
         return out
 

@@ -34,6 +34,7 @@ class Interval:
     num_train_timesteps: int
     layout: ParallelLayout
     peak_tflops: float | None = None  # the device's: MFU = achieved TFLOP/s per rank / peak
+    captions: bool = False  # data.caption_dropout is on: log the fraction of samples trained with the empty caption
     loss: torch.Tensor = field(init=False)
     buckets: torch.Tensor = field(init=False)  # [2, T_BUCKETS]: loss sums and sample counts per timestep bucket
     applied: int = 0
@@ -41,6 +42,8 @@ class Interval:
     tokens: int = 0
     flops: float = 0.0
     data_wait_s: float = 0.0
+    samples: int = 0  # readable samples this rank trained on, and how many of them with the empty caption
+    dropped: int = 0
     started: float = field(default_factory=time.perf_counter)
     tokens_logged: float = 0.0  # over all ranks, since this process started: for the summary
 
@@ -49,10 +52,13 @@ class Interval:
         self.buckets = torch.zeros(2, T_BUCKETS, dtype=torch.float64, device=self.device)
 
     def add(self, loss: torch.Tensor, buckets: torch.Tensor, tokens: int, flops: float, data_wait_s: float,
-            applied: bool) -> None:
+            applied: bool, captions: tuple[int, int] = (0, 0)) -> None:
         """One optimizer step: its mean loss and [2, T_BUCKETS] loss sums and counts (on the device), this rank's
-        video tokens, model FLOPs and seconds waiting for data; whether its update was applied."""
+        video tokens, model FLOPs and seconds waiting for data; whether its update was applied; its readable
+        samples and those of them trained with the empty caption."""
         self.taken += 1
+        self.samples += captions[0]
+        self.dropped += captions[1]
         self.tokens += tokens
         self.flops += flops
         self.data_wait_s += data_wait_s
@@ -64,8 +70,9 @@ class Interval:
     def flush(self, samples_per_step: int) -> dict[str, float]:
         """The interval's numbers over all ranks, then start over. Two collectives and a sync point."""
         layout, elapsed = self.layout, time.perf_counter() - self.started
-        summed = layout.sum([self.loss, self.applied, self.tokens, self.flops, *self.buckets.flatten()]).tolist()
-        (loss_sum, applied, tokens, flops), bucket_values = summed[:4], summed[4:]
+        summed = layout.sum([self.loss, self.applied, self.tokens, self.flops, self.samples, self.dropped,
+                             *self.buckets.flatten()]).tolist()
+        (loss_sum, applied, tokens, flops, samples, dropped), bucket_values = summed[:6], summed[6:]
         tokens /= layout.sequence  # a sequence group's ranks each counted the samples they share
         self.tokens_logged += tokens
         peaks = memory_peaks(self.device)
@@ -77,12 +84,14 @@ class Interval:
                   **dict(zip(peaks, memory, strict=True))}
         if self.peak_tflops:
             values["mfu"] = values["tflops_per_s"] / self.peak_tflops
+        if self.captions:  # a sequence group's ranks count the samples they share alike: the ratio is the same
+            values["caption_dropout_fraction"] = dropped / samples if samples else 0.0
         sums, counts = bucket_values[:T_BUCKETS], bucket_values[T_BUCKETS:]
         for name, total, count in zip(bucket_names(self.num_train_timesteps), sums, counts, strict=True):
             values[name] = total / count if count else None
         self.loss.zero_()
         self.buckets.zero_()
-        self.applied = self.taken = self.tokens = 0
+        self.applied = self.taken = self.tokens = self.samples = self.dropped = 0
         self.flops = 0.0
         self.data_wait_s, self.started = 0.0, time.perf_counter()
         return values

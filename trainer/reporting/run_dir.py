@@ -34,7 +34,8 @@ def open_run_dir(spec: RunSpec, layout: ParallelLayout, state: TrainerState, ind
     # a sync point (rank 0's writes above are done); an unshared directory is refused within half the timeout
     check_shared(run_dir, layout, patience_s=min(60.0, spec.run.collective_timeout_s / 2))
     return Reporter(run_dir, spec.train.max_steps, active=layout.is_main, tensorboard=spec.logging.tensorboard,
-                    start_step=state.optimizer_step)
+                    start_step=state.optimizer_step, wandb=spec.logging.wandb, config=spec.model_dump(mode="json"),
+                    name=spec.run.name)
 
 
 def check_shared(run_dir: Path, layout: ParallelLayout, patience_s: float) -> None:

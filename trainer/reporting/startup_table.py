@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 def print_startup(reporter: Reporter, *, spec: RunSpec, layout: ParallelLayout, engine: DeepSpeedEngine,
                   family: ModelFamily, model: VideoModel, index: ShardIndex, shards: int, state: TrainerState,
-                  resume: ResumePoint, held_out: ShardIndex | None, sequence_warning: str | None = None) -> None:
+                  resume: ResumePoint, held_out: ShardIndex | None, sequence_warning: str | None = None,
+                  ema_restarted: bool = False) -> None:
     def numel(p):  # ZeRO-3 leaves each rank an empty partition; ds_numel is the full size
         return getattr(p, "ds_numel", p.numel())
 
@@ -48,12 +49,17 @@ def print_startup(reporter: Reporter, *, spec: RunSpec, layout: ParallelLayout, 
                         f"them for 1/{layout.sequence} of the heads in every attention")]
           if layout.sequence > 1 else []),
         *([("memory", modes)] if (modes := memory_modes(spec, model)) else []),
-        ("data", f"{len(index.samples):,} samples in {shards} shard(s)"),
+        ("data", f"{len(index.samples):,} samples in {shards} shard(s)" + (
+            f"; caption dropout {spec.data.caption_dropout:g} (the empty caption's embedding, per sample and epoch)"
+            if spec.data.caption_dropout else "")),
         *([("conditioning", f"first frame, noised (sigma = exp(N(-3, 0.5))) and VAE-encoded each step on "
                             f"{engine.device.type}; dropout {spec.data.image_dropout:g}")]
           if family.image_to_video else []),
         ("schedule", f"{spec.train.max_steps} optimizer steps, lr {optim.lr:g} {optim.schedule}, "
-                     f"{optim.warmup_steps} warmup; timesteps {spec.train.timestep_sampling}"),
+                     f"{optim.warmup_steps} warmup; timesteps {spec.train.timestep_sampling.describe()}"),
+        *([("EMA", f"decay {spec.train.ema:g} of the LoRA's fp32 masters, after each applied step; exported to "
+                   f"lora_ema/" + ("; validation uses it" if validation.use_ema else ""))]
+          if spec.train.ema is not None else []),
     ]
     if validation.prompts or held_out is not None:
         settings = SampleSettings.of(validation, family.native_clip()) if validation.prompts else None
@@ -71,6 +77,9 @@ def print_startup(reporter: Reporter, *, spec: RunSpec, layout: ParallelLayout, 
         reporter.event(state.optimizer_step, "resumed", f"from {resume.checkpoint} at optimizer step "
                        f"{state.optimizer_step}, {state.samples_seen} samples seen"
                        + (" (another number of ranks: universal checkpoint)" if resume.universal else ""))
+    if ema_restarted:
+        reporter.event(state.optimizer_step, "ema_warning", f"{resume.checkpoint} holds no moving average of the "
+                       f"LoRA (train.ema was off): it starts at the resumed weights")
     if state.optimizer_step == 0:  # a resumed run logged them when it started
         for fault in index.faults:
             reporter.event(0, "data_error", f"skipping: {fault}", shard=fault.shard, key=fault.key)

@@ -43,12 +43,15 @@ class _Outputs:
     progress: Progress
     task: TaskID
     tensorboard: Any  # SummaryWriter, or None
+    wandb: Any  # wandb's Run (logging.wandb), or None
 
 
 class Reporter:
     """Rank 0 writes; every other rank gets a Reporter that does nothing, so callers need no rank checks."""
 
-    def __init__(self, run_dir: Path, total_steps: int, *, active: bool, tensorboard: bool, start_step: int = 0):
+    def __init__(self, run_dir: Path, total_steps: int, *, active: bool, tensorboard: bool, start_step: int = 0,
+                 wandb: Any = None, config: dict | None = None, name: str = "run"):
+        """``wandb``: the spec's logging.wandb section (None: no W&B); ``config`` the resolved spec it records."""
         self.active, self.total_steps = active, total_steps
         self.console = console(stderr=True)
         self._out: _Outputs | None = None
@@ -63,13 +66,18 @@ class Reporter:
 
             # purge_step hides what a killed run logged after the checkpoint this run resumes from
             writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        wandb_run = None
+        if wandb is not None:
+            from trainer.reporting.wandb_run import open_wandb
+
+            wandb_run = open_wandb(wandb, run_dir, name, config or {})
         progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
             SpeedColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
             disable=not self.console.is_terminal)
         task = progress.add_task("train", total=total_steps, completed=start_step, status="")
         self._out = _Outputs((run_dir / "metrics.jsonl").open("a", buffering=1),
-                             (run_dir / "events.jsonl").open("a", buffering=1), progress, task, writer)
+                             (run_dir / "events.jsonl").open("a", buffering=1), progress, task, writer, wandb_run)
         progress.start()
 
     def print(self, *args: Any) -> None:
@@ -114,14 +122,20 @@ class Reporter:
         """One metrics.jsonl line (``jsonl``, else ``values``) and the finite numbers as TensorBoard scalars."""
         record = {"optimizer_step": optimizer_step, "time": time.time(), **(jsonl or values)}
         out.jsonl.write(json.dumps(record) + "\n")
+        scalars = {prefix + name: value for name, value in values.items()
+                   if isinstance(value, (int, float)) and math.isfinite(value)}
         if out.tensorboard is not None:
-            for name, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    out.tensorboard.add_scalar(prefix + name, value, optimizer_step)
+            for name, value in scalars.items():
+                out.tensorboard.add_scalar(name, value, optimizer_step)
+        if out.wandb is not None:
+            from trainer.reporting.wandb_run import log
+
+            log(out.wandb, optimizer_step, scalars)
 
     @property
-    def tensorboard(self) -> bool:
-        return self._out is not None and self._out.tensorboard is not None
+    def wants_videos(self) -> bool:
+        """Whether ``video`` writes anywhere (TensorBoard or W&B, rank 0 only)."""
+        return self._out is not None and (self._out.tensorboard is not None or self._out.wandb is not None)
 
     def log_validation(self, optimizer_step: int, values: dict[str, float]) -> None:
         """Validation numbers: their own record in metrics.jsonl, validation/* in TensorBoard, one console line."""
@@ -131,25 +145,32 @@ class Reporter:
                      "validation/", jsonl=values)
         self.print(f"step {optimizer_step:>7}  validation loss {values['val_loss']:.4f}")
 
-    def video(self, tag: str, frames: Any, fps: int, optimizer_step: int) -> None:
-        """A video as an animated GIF in TensorBoard's image tab (what SummaryWriter.add_video writes, without
-        its moviepy dependency)."""
-        if self._out is None or self._out.tensorboard is None:
+    def video(self, tag: str, path: Path, fps: int, optimizer_step: int) -> None:
+        """An mp4 as an animated GIF in TensorBoard's image tab (what SummaryWriter.add_video writes, without its
+        moviepy dependency), and as itself in W&B."""
+        if self._out is None:
             return
-        from tensorboard.compat.proto.summary_pb2 import Summary
+        if self._out.tensorboard is not None:
+            from tensorboard.compat.proto.summary_pb2 import Summary
 
-        from trainer.media import gif_bytes
+            from trainer.media import gif_bytes, read_mp4
 
-        gif, (width, height) = gif_bytes(frames, fps)
-        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif)
-        self._out.tensorboard._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]),
-                                                             optimizer_step)
+            gif, (width, height) = gif_bytes(read_mp4(path), fps)
+            image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif)
+            self._out.tensorboard._get_file_writer().add_summary(
+                Summary(value=[Summary.Value(tag=tag, image=image)]), optimizer_step)
+        if self._out.wandb is not None:
+            from trainer.reporting.wandb_run import log_video
+
+            log_video(self._out.wandb, tag, path, fps, optimizer_step)
 
     def close(self) -> None:
         if self._out is not None:
             self._out.progress.stop()
             if self._out.tensorboard is not None:
                 self._out.tensorboard.close()
+            if self._out.wandb is not None:
+                self._out.wandb.finish()
             self._out.jsonl.close()
             self._out.events.close()
 
