@@ -82,6 +82,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     """The exported LoRA tensors (and the moving average's, where the reference has one) are torch.equal and
     every optimizer step logged the same loss and caption-dropout fraction, once."""
     assert_equal_lora(lora(run_dir), lora(reference))
+    assert (run_dir / "lora_ema").is_dir() == (reference / "lora_ema").is_dir()
     if (reference / "lora_ema").is_dir():
         assert_equal_lora(lora_file(run_dir / "lora_ema"), lora_file(reference / "lora_ema"))
     def logged(run: Path) -> list:

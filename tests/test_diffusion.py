@@ -199,7 +199,7 @@ def test_timestep_distributions_match_their_definition(kind, mean, std, within, 
                                 accumulation=accumulation, generator=gen) for r in range(world)]
     per_step = []
     for step in range(1, steps + 1):
-        gen.manual_seed(derive_seed(3, Stream.NOISE, step))  # as train_step seeds it
+        gen.manual_seed(derive_seed(3, Stream.NOISE, step))  # seeded per step, as train_step does (with the rank)
         per_step.append(torch.cat([s(step, m) for m in range(accumulation) for s in samplers]))
     draws = torch.cat(per_step)
     assert draws.dtype == torch.int64 and draws.min() >= low and draws.max() <= high
@@ -229,8 +229,9 @@ def test_timestep_distributions_match_their_definition(kind, mean, std, within, 
         assert all(torch.equal(a, b) for a, b in zip(again, resumed, strict=True))
 
 
-def test_the_short_forms_and_a_range_past_the_schedule(tiny_5b, tmp_path):
+def test_the_short_forms_and_ranges_the_schedule_cannot_serve():
     from trainer.spec import TimestepSampling, TrainSection
+    from trainer.startup import check_timesteps
 
     assert TrainSection(max_steps=1, timestep_sampling="stratified").timestep_sampling == TimestepSampling(
         stratified=True)
@@ -241,3 +242,11 @@ def test_the_short_forms_and_a_range_past_the_schedule(tiny_5b, tmp_path):
         TrainSection(max_steps=1, timestep_sampling="logit_normal")
     with pytest.raises(ValueError, match="0 <= min <= max"):
         TimestepSampling(range=(500, 100))
+    with pytest.raises(ValueError, match="finite number"):
+        TimestepSampling(mean=float("nan"))
+    check_timesteps(TimestepSampling(distribution="logit_normal", range=(900, 999)), T)
+    with pytest.raises(UserError, match=r"train.timestep_sampling: logit-normal\(-3, 0.2\) on 900..999 gives its "
+                                        r"range a probability of"):
+        check_timesteps(TimestepSampling(distribution="logit_normal", mean=-3, std=0.2, range=(900, 999)), T)
+    with pytest.raises(UserError, match=r"range: \[0, 1000\] goes past the model's last timestep \(999"):
+        check_timesteps(TimestepSampling(range=(0, 1000)), T)

@@ -22,6 +22,7 @@ import torch
 
 from helpers import (
     REPO,
+    assert_equal_lora,
     assert_same_run,
     lora,
     lora_file,
@@ -181,6 +182,8 @@ def test_sigterm_saves_at_the_step_it_arrives_and_the_rerun_finishes_equal(refer
     assert validation == [(m["optimizer_step"], m["val_loss"]) for m in read_metrics(ref_dir, validation=True)]
     assert [step for step, _ in validation] == list(range(1, STEPS + 1))
     assert_wandb_continued(run_dir, stopped_at)
+    # validation.use_ema: the end's videos were made with the average, and the LoRA saved beside them is it
+    assert_equal_lora(lora_file(run_dir / "samples" / f"step_{STEPS:06d}" / "lora"), lora_file(run_dir / "lora_ema"))
 
 
 def assert_wandb_continued(run_dir: Path, stopped_at: int) -> None:
@@ -203,9 +206,10 @@ def assert_wandb_continued(run_dir: Path, stopped_at: int) -> None:
               if k.endswith("/path") and r[k.replace("/path", "/_type")] == "video-file"}
     assert sorted(videos) == ["validation/000-a-red-ball-moving-left", "validation/001-a-blue-square-moving-up"]
     assert all((files[1].parent / "files" / path).stat().st_size > 0 for path in videos.values())  # the mp4s
-    config = [r.run.config for r in wandb_records(files[0]) if r.WhichOneof("record_type") == "run"][0]
-    spec = {u.key: json.loads(u.value_json) for u in config.update}
+    run = [r.run for r in wandb_records(files[0]) if r.WhichOneof("record_type") == "run"][0]
+    spec = {u.key: json.loads(u.value_json) for u in run.config.update}
     assert spec["run"]["output_dir"] == str(run_dir) and spec["train"]["ema"] == 0.8
+    assert run.display_name == spec["run"]["name"] == "quickstart" and run.project == "resume"
 
 
 def test_killed_inside_a_checkpoint_save_resumes_from_the_one_before(reference, tiny_5b, shards_10, tmp_path):

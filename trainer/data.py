@@ -136,9 +136,11 @@ def load_empty_prompts(shards: list[str], prompt_shape: tuple[int, ...],
             embeds = load_file(str(path))["prompt_embeds"]
         except (OSError, SafetensorError, KeyError) as exc:
             raise UserError(f"{field}: {path} cannot be read as the empty caption's embedding ({exc})") from None
-        if tuple(embeds.shape) != tuple(prompt_shape) or not torch.isfinite(embeds).all():
+        if tuple(embeds.shape) != tuple(prompt_shape):
             raise UserError(f"{field}: {path} holds prompt embeddings of shape {list(embeds.shape)}, the model's are "
-                            f"{list(prompt_shape)} (or it holds NaN or inf values)")
+                            f"{list(prompt_shape)}: it was packed for another model")
+        if not torch.isfinite(embeds).all():
+            raise UserError(f"{field}: {path} holds NaN or inf values")
         found[folder] = embeds
     return found
 

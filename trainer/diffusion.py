@@ -83,8 +83,15 @@ class TimestepDistribution:
         self.low, self.high = low, num_train_timesteps - 1 if high is None else high
         edges = torch.tensor([self.low, self.high + 1], dtype=torch.float64) / num_train_timesteps
         # the range's ends in the distribution's probability coordinate: t/T itself, or the normal's CDF at
-        # the logit of t/T (logit 0 = -inf and logit 1 = inf give 0 and 1)
-        self.ends = edges if kind == "uniform" else torch.special.ndtr((torch.logit(edges) - mean) / std)
+        # the logit of t/T (logit 0 = -inf and logit 1 = inf give 0 and 1); Python floats (fp64), so that
+        # drawing on a GPU copies nothing from the host (a copy would make the host wait for the device)
+        ends = edges if kind == "uniform" else torch.special.ndtr((torch.logit(edges) - mean) / std)
+        self.a, self.b = (float(e) for e in ends)
+
+    @property
+    def mass(self) -> float:
+        """The probability the unrestricted distribution gives the range (fp64; 0 where it underflows)."""
+        return self.b - self.a
 
     @classmethod
     def of(cls, num_train_timesteps: int, kind: str, mean: float, std: float,
@@ -99,8 +106,7 @@ class TimestepDistribution:
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         """Timesteps (int64) for probabilities ``u`` (fp64, in [0, 1)), on u's device."""
-        a, b = self.ends.to(u.device)
-        p = a + u * (b - a)
+        p = self.a + u * (self.b - self.a)
         s = p if self.kind == "uniform" else torch.sigmoid(self.mean + self.std * torch.special.ndtri(p))
         return (s * self.T).floor().long().clamp_(self.low, self.high)
 

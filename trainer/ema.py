@@ -22,11 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
 from trainer.engine import fp32_master_partitions, full_fp32_masters
+from trainer.errors import UserError
 from trainer.files import atomic_write
+from trainer.parallel import rank_in
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -69,15 +72,24 @@ class LoraEma:
             return full_fp32_masters(self.params)
 
     def set_full(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Make the average ``tensors`` (whole, per LoRA parameter): each rank keeps its partition's share."""
-        from deepspeed.utils import safe_set_full_fp32_param
+        """Make the average ``tensors`` (whole, per LoRA parameter): each rank keeps its partition's share. Local."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
 
-        missing = set(self.params) - set(tensors)
-        if missing:
-            raise ValueError(f"the average lacks {len(missing)} LoRA tensor(s), e.g. {sorted(missing)[0]}")
+        device = self.masters[0].device
         with self.swapped(), torch.no_grad():
             for name, param in self.params.items():
-                safe_set_full_fp32_param(param, tensors[name].to(self.masters[0].device, torch.float32))
+                value = tensors[name].to(device, torch.float32).flatten()
+                if not hasattr(param, "ds_id"):  # ZeRO-1/2: DeepSpeed cuts the rank's fragment out itself
+                    safe_set_full_fp32_param(param, value.view(param.shape))
+                    continue
+                # ZeRO-3: DeepSpeed's set_full_hp_param reads a whole partition past the end of a tensor that
+                # does not divide by the ranks (the last partition is padded); cut the share here
+                share = param.ds_tensor.numel()  # type: ignore[attr-defined]  # ZeRO-3 sets it
+                start = share * rank_in(getattr(param, "ds_process_group", None))
+                local = torch.zeros(share, dtype=torch.float32, device=device)
+                count = max(0, min(share, value.numel() - start))
+                local[:count] = value[start:start + count]
+                safe_set_local_fp32_param(param, local)
 
     def save(self, folder: Path, is_main: bool) -> None:
         """Into a checkpoint's folder (a collective; rank 0 writes)."""
@@ -90,7 +102,16 @@ class LoraEma:
         path = folder / EMA_FILE
         if not path.is_file():
             return False
-        self.set_full(load_file(str(path)))
+        try:
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError) as exc:
+            raise UserError(f"train.ema: {path} cannot be read ({exc}); resume from another checkpoint "
+                            f"(checkpoint.resume)") from None
+        wrong = [n for n, p in self.params.items() if tuple(tensors.get(n, torch.empty(0)).shape) != _shape(p)]
+        if wrong:
+            raise UserError(f"train.ema: {path} does not hold this LoRA's average ({len(wrong)} tensor(s) missing "
+                            f"or of another shape, e.g. {wrong[0]}): was lora.rank or lora.target_modules changed?")
+        self.set_full(tensors)
         return True
 
     @contextmanager
@@ -106,10 +127,13 @@ class LoraEma:
             kept = [p.data.clone() for p in params]
             for name, p in self.params.items():
                 p.data.copy_(average[name].to(p.device, p.dtype))
-        try:
-            with self.swapped():
-                yield
-        finally:
-            with GatheredParameters(params, modifier_rank=0), torch.no_grad():
-                for p, original in zip(params, kept, strict=True):
-                    p.data.copy_(original)
+        with self.swapped():
+            yield
+        # not on an exception: it ends the run, and this is a collective the other ranks may never join
+        with GatheredParameters(params, modifier_rank=0), torch.no_grad():
+            for p, original in zip(params, kept, strict=True):
+                p.data.copy_(original)
+
+
+def _shape(param: nn.Parameter) -> tuple[int, ...]:
+    return tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 leaves an empty partition in .shape

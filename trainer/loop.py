@@ -38,6 +38,8 @@ from trainer.startup import Run, build, preflight
 from trainer.state import TrainerState
 from trainer.watchdog import set_collective_timeout
 
+STOP_WAIT_S = 10.0  # how long a stop waits for W&B to finish: SLURM's KillWait after the signal is 30 s by default
+
 
 def train(spec: RunSpec) -> Path | None:
     """Run the spec to the end; returns the exported LoRA file on rank 0 (None on other ranks).
@@ -147,7 +149,7 @@ class Loop:
         if todo.log:
             self.log(optimizer_step, lr)
         if todo.give_up:
-            self.reporter.close()
+            self.reporter.close(wandb_wait_s=STOP_WAIT_S)
             raise too_many_nonfinite(self.state.consecutive_nonfinite, optimizer_step, self.last_checkpoint)
         paused = time.perf_counter()
         if todo.validate and self.validate(optimizer_step):
@@ -156,7 +158,7 @@ class Loop:
             self.save(optimizer_step)
         self.interval.started += time.perf_counter() - paused  # the throughput is the training's alone
         if todo.stop:
-            self.reporter.close()
+            self.reporter.close(wandb_wait_s=STOP_WAIT_S)
             raise preempted(self.signals.received, optimizer_step, self.last_checkpoint)
 
     def decide(self, time_due: bool, data_faults: int, readable: int) -> StepDecision:

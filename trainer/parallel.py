@@ -105,3 +105,8 @@ class ParallelLayout:
             vector = vector.cuda()
         dist.all_reduce(vector, op=dist.ReduceOp.MAX)
         return vector.cpu()
+
+
+def rank_in(group: Any) -> int:
+    """This process's rank in a process group DeepSpeed made (ZeRO-3's partition group; None: the world)."""
+    return dist.get_rank(group=group)

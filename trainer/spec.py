@@ -108,8 +108,8 @@ class TimestepSampling(_Section):
     # The training timesteps' distribution on 0..T-1 and how a step's draws are spread (trainer/diffusion.py).
     # uniform; or logit_normal: t/T = sigmoid(mean + std * z), z standard normal (SD3's sampling).
     distribution: Literal["uniform", "logit_normal"] = "uniform"
-    mean: float = 0.0
-    std: float = Field(1.0, gt=0)
+    mean: float = Field(0.0, allow_inf_nan=False)
+    std: float = Field(1.0, gt=0, allow_inf_nan=False)
     # Only timesteps min..max (inclusive); null: the whole schedule. The distribution is restricted to it.
     range: tuple[int, int] | None = None
     # Each optimizer step's global batch in equal-probability strata of the distribution (lower-variance loss);

@@ -34,7 +34,7 @@ from trainer.resume import ResumePoint
 from trainer.sequence import UlyssesExchange, check_heads, check_index
 from trainer.shard_format import SampleShapes
 from trainer.shard_index import ShardIndex, build_index
-from trainer.spec import RunSpec
+from trainer.spec import RunSpec, TimestepSampling
 from trainer.state import TrainerState
 from trainer.validation import Validation, preflight_validation
 from trainer.watchdog import STARTUP_COLLECTIVE_MARGIN_S, RollCall, Watchdog
@@ -64,10 +64,7 @@ def preflight(spec: RunSpec) -> Plan:
     shapes = family.sample_shapes()
     family.check_lora_targets(list(spec.lora.target_modules))
     objective = family.objective()
-    within = spec.train.timestep_sampling.range
-    if within is not None and within[1] >= objective.num_train_timesteps:
-        raise UserError(f"train.timestep_sampling.range: {list(within)} goes past the model's last timestep "
-                        f"({objective.num_train_timesteps - 1}; its scheduler has {objective.num_train_timesteps})")
+    check_timesteps(spec.train.timestep_sampling, objective.num_train_timesteps)
     shards = resolve_shards(spec.data.shards)
     check_first_sample(shards, shapes)
     check_latent_scale(shards, family.latent_scale(), family.model_dir)
@@ -79,12 +76,30 @@ def preflight(spec: RunSpec) -> Plan:
     layout = ParallelLayout(world_size, sequence=spec.parallel.sequence)  # refuses a world it cannot split
     check_heads(family.structure().heads, layout.sequence, family.describe())
     ds_config = assemble_config(spec, layout.data_size)
+    offload = ds_config["zero_optimization"].get("offload_optimizer") or {}
+    if spec.train.ema is not None and offload.get("device") == "nvme":  # its masters sit on disk between steps
+        raise UserError("train.ema averages DeepSpeed's fp32 master partitions in memory, which an optimizer "
+                        "offloaded to NVMe swaps out: offload it to cpu (ds_configs/zero3_offload.json), or leave "
+                        "train.ema null")
     low_memory.check_weights(spec.model.weights_dtype, PRECISIONS[spec.train.precision],
                              ds_config["zero_optimization"]["stage"])
     if spec.train.compile:
         compiled.check_compiler(torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # no context yet
     point = resume.plan(spec, world_size, ds_config)
     return Plan(family, shapes, objective, shards, ds_config, point, validation_shards, empty_prompts)
+
+
+def check_timesteps(sampling: TimestepSampling, num_train_timesteps: int) -> None:
+    """train.timestep_sampling against the model's schedule: the range inside it, and not empty of probability."""
+    within, field = sampling.range, "train.timestep_sampling"
+    if within is not None and within[1] >= num_train_timesteps:
+        raise UserError(f"{field}.range: {list(within)} goes past the model's last timestep "
+                        f"({num_train_timesteps - 1}; its scheduler has {num_train_timesteps})")
+    distribution = TimestepDistribution.of(num_train_timesteps, sampling.distribution, sampling.mean, sampling.std,
+                                           within)
+    if distribution.mass < 1e-9:  # the inverse CDF would put every draw on one end
+        raise UserError(f"{field}: {sampling.describe()} gives its range a probability of {distribution.mass:.1e}: "
+                        f"widen the range or move mean and std towards it")
 
 
 @dataclass

@@ -33,9 +33,20 @@ def open_run_dir(spec: RunSpec, layout: ParallelLayout, state: TrainerState, ind
             state.data_errors = len(index.faults)
     # a sync point (rank 0's writes above are done); an unshared directory is refused within half the timeout
     check_shared(run_dir, layout, patience_s=min(60.0, spec.run.collective_timeout_s / 2))
-    return Reporter(run_dir, spec.train.max_steps, active=layout.is_main, tensorboard=spec.logging.tensorboard,
-                    start_step=state.optimizer_step, wandb=spec.logging.wandb, config=spec.model_dump(mode="json"),
-                    name=spec.run.name)
+    problem, reporter = None, None
+    try:
+        reporter = Reporter(run_dir, spec.train.max_steps, active=layout.is_main,
+                            tensorboard=spec.logging.tensorboard, start_step=state.optimizer_step,
+                            wandb=spec.logging.wandb, config=spec.model_dump(mode="json"), name=spec.run.name)
+    except UserError as exc:  # W&B starts on rank 0 alone: every rank learns whether it did, and stops with it
+        problem = str(exc)
+    found = [p for p in layout.all_gather(problem) if p]
+    if found:
+        if reporter is not None:
+            reporter.close(wandb_wait_s=0)
+        raise UserError(found[0], on_every_rank=True)
+    assert reporter is not None
+    return reporter
 
 
 def check_shared(run_dir: Path, layout: ParallelLayout, patience_s: float) -> None:

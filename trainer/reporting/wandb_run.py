@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
+from trainer.files import atomic_write
 
 ID_FILE = "wandb.json"
 STEP = "optimizer_step"
@@ -46,9 +47,13 @@ def run_id(run_dir: Path) -> str:
     """The run directory's W&B run id: the one it has, else a new one, kept."""
     path = run_dir / ID_FILE
     if path.is_file():
-        return json.loads(path.read_text())["id"]
+        try:
+            return str(json.loads(path.read_text())["id"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"logging.wandb: {path} does not hold this run directory's W&B run id "
+                            f'({{"id": "..."}}); restore it, or delete it to start a new W&B run') from None
     new = uuid.uuid4().hex[:12]  # W&B ids are letters and digits
-    path.write_text(json.dumps({"id": new}) + "\n")
+    atomic_write(path, (json.dumps({"id": new}) + "\n").encode())
     return new
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +59,8 @@ class Reporter:
         if not active:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl", "events.jsonl"):
-            truncate_jsonl(run_dir / name, start_step)
+        for log_file in ("metrics.jsonl", "events.jsonl"):
+            truncate_jsonl(run_dir / log_file, start_step)
         writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -164,13 +165,17 @@ class Reporter:
 
             log_video(self._out.wandb, tag, path, fps, optimizer_step)
 
-    def close(self) -> None:
+    def close(self, wandb_wait_s: float | None = None) -> None:
+        """``wandb_wait_s``: how long a stop may wait for W&B to finish (online, its uploads; a preempted job has
+        seconds before SIGKILL, and the checkpoint is already saved); None: as long as it takes."""
         if self._out is not None:
             self._out.progress.stop()
             if self._out.tensorboard is not None:
                 self._out.tensorboard.close()
             if self._out.wandb is not None:
-                self._out.wandb.finish()
+                finishing = threading.Thread(target=self._out.wandb.finish, daemon=True)
+                finishing.start()
+                finishing.join(wandb_wait_s)
             self._out.jsonl.close()
             self._out.events.close()
 
