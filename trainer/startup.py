@@ -55,6 +55,7 @@ class Plan:
     resume: ResumePoint
     validation_shards: list[str]  # held-out shards for the validation loss (maybe none)
     empty_prompts: dict[str, torch.Tensor]  # data.caption_dropout: the empty caption's embedding by shard folder
+    timesteps: TimestepDistribution  # train.timestep_sampling's distribution on the model's schedule
 
 
 def preflight(spec: RunSpec) -> Plan:
@@ -64,7 +65,7 @@ def preflight(spec: RunSpec) -> Plan:
     shapes = family.sample_shapes()
     family.check_lora_targets(list(spec.lora.target_modules))
     objective = family.objective()
-    check_timesteps(spec.train.timestep_sampling, objective.num_train_timesteps)
+    timesteps = check_timesteps(spec.train.timestep_sampling, objective.num_train_timesteps)
     shards = resolve_shards(spec.data.shards)
     check_first_sample(shards, shapes)
     check_latent_scale(shards, family.latent_scale(), family.model_dir)
@@ -86,11 +87,12 @@ def preflight(spec: RunSpec) -> Plan:
     if spec.train.compile:
         compiled.check_compiler(torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # no context yet
     point = resume.plan(spec, world_size, ds_config)
-    return Plan(family, shapes, objective, shards, ds_config, point, validation_shards, empty_prompts)
+    return Plan(family, shapes, objective, shards, ds_config, point, validation_shards, empty_prompts, timesteps)
 
 
-def check_timesteps(sampling: TimestepSampling, num_train_timesteps: int) -> None:
-    """train.timestep_sampling against the model's schedule: the range inside it, and not empty of probability."""
+def check_timesteps(sampling: TimestepSampling, num_train_timesteps: int) -> TimestepDistribution:
+    """train.timestep_sampling against the model's schedule (the range inside it, and not empty of probability);
+    returns its distribution."""
     within, field = sampling.range, "train.timestep_sampling"
     if within is not None and within[1] >= num_train_timesteps:
         raise UserError(f"{field}.range: {list(within)} goes past the model's last timestep "
@@ -100,6 +102,7 @@ def check_timesteps(sampling: TimestepSampling, num_train_timesteps: int) -> Non
     if distribution.mass < 1e-9:  # the inverse CDF would put every draw on one end
         raise UserError(f"{field}: {sampling.describe()} gives its range a probability of {distribution.mass:.1e}: "
                         f"widen the range or move mean and std towards it")
+    return distribution
 
 
 @dataclass
@@ -182,11 +185,9 @@ def build(spec: RunSpec, plan: Plan) -> tuple[Run, ShardIndex, TrainerState]:
         low_memory.check_stored(model.transformer, storage)
     engine.train()  # diffusers' from_pretrained leaves the module in eval mode (LoRA dropout off)
     noise = torch.Generator(device=engine.device)
-    sampling = spec.train.timestep_sampling
-    distribution = TimestepDistribution.of(plan.objective.num_train_timesteps, sampling.distribution, sampling.mean,
-                                           sampling.std, sampling.range)
-    timesteps = TimestepSampler(distribution, sampling.stratified, seed=spec.run.seed, rank=layout.data_rank,
-                                world_size=layout.data_size, micro_batch=spec.data.micro_batch_size,
+    timesteps = TimestepSampler(plan.timesteps, spec.train.timestep_sampling.stratified, seed=spec.run.seed,
+                                rank=layout.data_rank, world_size=layout.data_size,
+                                micro_batch=spec.data.micro_batch_size,
                                 accumulation=spec.train.gradient_accumulation_steps, generator=noise)
     costs = CostModel(plan.family, spec.lora)
     peak = spec.logging.peak_tflops or device_peak_tflops(engine.device)
